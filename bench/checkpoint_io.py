@@ -1,0 +1,140 @@
+"""Benchmark: streaming reader -> writer copy vs `cp -r`, and peak memory.
+
+Builds a synthetic 1.1B-parameter bf16 Llama checkpoint (TinyLlama shape: hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, untied, 2 shards) once
+under bench/.cache/, then times, with a warm page cache, best of --repeat runs:
+
+* `cp -r` of the directory (the baseline),
+* lmexpand's raw copy (what surgery does for every unchanged tensor),
+* lmexpand's materialized copy (each tensor loaded and re-serialized: what surgery does for
+  transformed tensors),
+
+each in a child process that reports its own peak RSS (VmHWM). Targets: raw copy time
+<= 1.3x cp; peak RSS <= 2x the largest tensor + 400 MB.
+
+    .venv/bin/python bench/checkpoint_io.py [--repeat 3] [--cache bench/.cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+
+
+def build(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    import torch
+
+    from lmexpand.checkpoint import Computed, OutputTensor, TensorSlot, write_checkpoint
+
+    h, i, L, nh, nkv, v = (SHAPE[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
+    hd = h // nh
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (nkv * hd, h), p + "self_attn.v_proj.weight": (nkv * hd, h),
+            p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape):
+        return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    outs = [OutputTensor(TensorSlot(n, "BF16", s), Computed(rand(s))) for n, s in shapes.items()]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": L, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    print(f"building synthetic checkpoint at {path} ...", flush=True)
+    write_checkpoint(path, outs, files={"config.json": json.dumps(config).encode()}, max_shard_size=int(1.2e9))
+    return path
+
+
+CHILD = r"""
+import sys, time, resource
+sys.path.insert(0, {root!r})
+from lmexpand.checkpoint import CheckpointReader, Computed, OutputTensor, TensorSlot, copy_checkpoint, write_checkpoint
+src, dst, mode = {src!r}, {dst!r}, {mode!r}
+t = time.perf_counter()
+reader = CheckpointReader(src)
+if mode == "raw":
+    copy_checkpoint(reader, dst, max_shard_size=int(1.2e9))
+else:
+    outs = [OutputTensor(TensorSlot(i.name, i.dtype, i.shape), Computed(lambda n=i.name: reader.get_tensor(n).clone())) for i in reader]
+    write_checkpoint(dst, outs, files={{"config.json": reader.path / "config.json"}}, max_shard_size=int(1.2e9))
+elapsed = time.perf_counter() - t
+# VmHWM: this process's own peak resident memory (ru_maxrss would include the parent's
+# memory image from before exec).
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(elapsed, int(hwm) / 1024)
+"""
+
+
+def run_child(src: Path, dst: Path, mode: str) -> tuple[float, float]:
+    shutil.rmtree(dst, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), src=str(src), dst=str(dst), mode=mode)],
+                         check=True, capture_output=True, text=True)
+    seconds, rss_mib = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss_mib)
+
+
+def run_cp(src: Path, dst: Path) -> float:
+    shutil.rmtree(dst, ignore_errors=True)
+    t = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync", "-f", str(dst)], check=True)  # lmexpand fsyncs; make cp pay the same
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
+    args = ap.parse_args()
+    src = build(args.cache / "tinyllama-1.1b-bf16")
+    sys.path.insert(0, str(ROOT))
+    from lmexpand.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(src)
+    largest = max(t.nbytes for t in reader) / 2**20
+    total = reader.total_bytes / 2**30
+    dst = args.cache / "copy-target"
+    run_cp(src, dst)  # warm the page cache
+    cp = min(run_cp(src, dst) for _ in range(args.repeat))
+    raw = [run_child(src, dst, "raw") for _ in range(args.repeat)]
+    raw_t, raw_rss = min(r[0] for r in raw), max(r[1] for r in raw)
+    mat = [run_child(src, dst, "materialize") for _ in range(args.repeat)]
+    mat_t, mat_rss = min(r[0] for r in mat), max(r[1] for r in mat)
+    shutil.rmtree(dst, ignore_errors=True)
+    budget = 2 * largest + 400
+    print(f"checkpoint: {reader.total_params / 1e9:.2f}B params, {total:.2f} GiB, {len(reader.weight_files)} shards, "
+          f"largest tensor {largest:.0f} MiB")
+    print(f"cp -r (+sync)        : {cp:6.2f} s  {total / cp:5.2f} GiB/s")
+    print(f"lmexpand raw copy    : {raw_t:6.2f} s  {total / raw_t:5.2f} GiB/s  ratio vs cp {raw_t / cp:.2f}x "
+          f"(target <= 1.3x)  peak RSS {raw_rss:.0f} MiB")
+    print(f"lmexpand materialized: {mat_t:6.2f} s  {total / mat_t:5.2f} GiB/s  ratio vs cp {mat_t / cp:.2f}x  "
+          f"peak RSS {mat_rss:.0f} MiB")
+    print(f"RSS budget 2x largest + 400 MiB = {budget:.0f} MiB: raw copy {'OK' if raw_rss <= budget else 'OVER'}, "
+          f"materialized {'OK' if mat_rss <= budget else 'OVER'}")
+    print(f"time target (raw copy): {'OK' if raw_t <= 1.3 * cp else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

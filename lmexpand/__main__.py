@@ -1,0 +1,3 @@
+from lmexpand.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""What a checkpoint is, from its config and tensor headers alone (no values loaded)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
+
+
+def summarize(reader: CheckpointReader) -> dict[str, Any]:
+    family = reader.family
+    assert family is not None
+    cfg = reader.config
+    n_layers = reader.num_layers
+    per_layer = [0] * n_layers
+    other: dict[str, int] = {}
+    stray: list[str] = []
+    bytes_by_dtype: Counter[str] = Counter()
+    for t in reader:
+        bytes_by_dtype[torch_dtype_name(t.dtype)] += t.nbytes
+        split = family.split_layer_name(t.name)
+        if split is None:
+            other[t.name] = t.numel
+        elif split[0] < n_layers:
+            per_layer[split[0]] += t.numel
+        else:
+            stray.append(t.name)
+    heads = cfg.get("num_attention_heads")
+    hidden = cfg.get("hidden_size")
+    summary: dict[str, Any] = {
+        "path": str(reader.path),
+        "family": family.name,
+        "architectures": cfg.get("architectures") or [family.causal_lm_class],
+        "num_layers": n_layers,
+        "hidden_size": hidden,
+        "intermediate_size": cfg.get("intermediate_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or (hidden // heads if hidden and heads else None),
+        "vocab_size": cfg.get("vocab_size"),
+        "max_position_embeddings": cfg.get("max_position_embeddings"),
+        "tie_word_embeddings": reader.tie_word_embeddings,
+        "dtype": bytes_by_dtype.most_common(1)[0][0] if bytes_by_dtype else None,
+        "bytes_by_dtype": dict(bytes_by_dtype),
+        "total_parameters": reader.total_params,
+        "total_bytes": reader.total_bytes,
+        "num_tensors": len(reader.tensors),
+        "files": [f.name for f in reader.weight_files],
+        "per_layer_parameters": per_layer,
+        "non_layer_parameters": other,
+        "lineage": reader.lineage(),
+    }
+    if stray:
+        summary["tensors_beyond_num_layers"] = stray
+    return summary

@@ -1,0 +1,371 @@
+"""Streaming, atomic checkpoint writer.
+
+Every output tensor's name, dtype and shape are known before any value is read, so each
+shard's safetensors header is written first and the values are streamed in after it:
+
+* a :class:`RawCopy` moves the source file's bytes in the kernel (``copy_file_range``,
+  falling back to ``sendfile`` and then to chunked reads): no deserialization, no copy in
+  user memory;
+* :class:`Zeros` are written in chunks without allocating the tensor;
+* a :class:`Computed` tensor is materialized (one at a time) and its bytes written.
+
+Output goes into a temporary directory beside the target, every file is fsynced, and the
+directory is renamed into place only when complete: a crash or a full disk never leaves a
+target that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
+
+from lmexpand.checkpoint.reader import INDEX_FILE, SINGLE_FILE, st_dtype_of
+from lmexpand.checkpoint.safetensors_format import TensorInfo, TensorSlot, alignment_order, encode_header
+from lmexpand.errors import CheckpointError, DiskFullError, TargetError
+from lmexpand.progress import byte_progress
+from lmexpand.units import human_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("lmexpand")
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+_CHUNK = 64 * 1024 * 1024
+_PARTIAL = ".lmexpand-partial-"
+_OLD = ".lmexpand-old-"
+
+
+@dataclass(frozen=True)
+class RawCopy:
+    """The bytes of a source tensor, unchanged."""
+
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """All-zero bytes."""
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A tensor computed on demand; called once, when its turn to be written comes."""
+
+    fn: Callable[[], "torch.Tensor"]
+
+
+Producer = Union[RawCopy, Zeros, Computed]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    slot: TensorSlot
+    producer: Producer
+
+    @property
+    def name(self) -> str:
+        return self.slot.name
+
+
+# -- low-level I/O (module functions so fault-injection tests can replace them) ------------
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position."""
+    remaining = count
+    try:
+        while remaining:
+            n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), offset)
+            if n == 0:
+                raise CheckpointError(f"source ended early while copying ({remaining} bytes missing)")
+            offset += n
+            remaining -= n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    while remaining:  # copy_file_range unsupported here: plain chunked copy
+        data = os.pread(src_fd, min(remaining, _CHUNK), offset)
+        if not data:
+            raise CheckpointError(f"source ended early while copying ({remaining} bytes missing)")
+        _write_all(dst_fd, data)
+        offset += len(data)
+        remaining -= len(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- target checks ------------------------------------------------------------------------
+def _within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_target(target: Path, *, force: bool, sources: Iterable[Path] = ()) -> Path:
+    """Refuse a target that would destroy data: non-empty without ``force``, inside a source,
+    or holding a source. Returns the resolved target."""
+    resolved = target.resolve()
+    for src in sources:
+        src_resolved = Path(src).resolve()
+        if _within(resolved, src_resolved):
+            raise TargetError(
+                f"{target}: the output would be inside the source {src}. "
+                "Choose an output directory outside the source model."
+            )
+        if _within(src_resolved, resolved):
+            raise TargetError(
+                f"{target}: the source {src} is inside the output directory, which would be "
+                "replaced. Choose another output directory."
+            )
+    if resolved.exists():
+        if not resolved.is_dir():
+            raise TargetError(f"{target}: exists and is a file. Remove it or choose another output directory.")
+        if any(resolved.iterdir()) and not force:
+            raise TargetError(
+                f"{target}: exists and is not empty. Pass --force to replace it, or choose another output directory."
+            )
+    return resolved
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(target: Path) -> None:
+    """Remove temporary dirs that a killed earlier run left beside ``target``."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for marker in (_PARTIAL, _OLD):
+        for p in parent.glob(f".{target.name}{marker}*"):
+            pid_text = p.name.rsplit("-", 1)[-1]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+                log.info("removing %s left by an interrupted run", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# -- sharding -------------------------------------------------------------------------------
+def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int) -> list[list[TensorSlot]]:
+    """Greedy in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorSlot]] = [[]]
+    size = 0
+    for slot in slots:
+        if shards[-1] and size + slot.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(slot)
+        size += slot.nbytes
+    return [alignment_order(s) for s in shards if s] or [[]]
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+# -- the writer -----------------------------------------------------------------------------
+class _SourceFiles:
+    """Open source files once each, for raw copies."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _tensor_bytes(out: OutputTensor) -> memoryview:
+    import torch
+
+    assert isinstance(out.producer, Computed)
+    t = out.producer.fn()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{out.name}: producer returned {type(t).__name__}, not a tensor")
+    if tuple(t.shape) != out.slot.shape or st_dtype_of(t) != out.slot.dtype:
+        raise CheckpointError(
+            f"{out.name}: computed {st_dtype_of(t)}{list(t.shape)} but the plan promised "
+            f"{out.slot.dtype}{list(out.slot.shape)} (a bug in the surgery plan)."
+        )
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Producer],
+                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> None:
+    header, _ = encode_header(slots, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, header)
+        for slot in slots:
+            producer = producers[slot.name]
+            if isinstance(producer, RawCopy):
+                info = producer.info
+                if info.offset < 0:
+                    raise CheckpointError(f"{slot.name}: a pickle source has no byte range to copy (a bug in the plan)")
+                if info.nbytes != slot.nbytes or info.dtype != slot.dtype:
+                    raise CheckpointError(f"{slot.name}: raw copy of {info.name} does not match the output slot")
+                _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes)
+            elif isinstance(producer, Zeros):
+                remaining = slot.nbytes
+                zero = bytes(min(remaining, _CHUNK))
+                while remaining:
+                    n = min(remaining, len(zero))
+                    _write_all(fd, memoryview(zero)[:n])
+                    remaining -= n
+            else:
+                _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
+            advance(slot.nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    target: str | Path,
+    tensors: Sequence[OutputTensor],
+    *,
+    files: Mapping[str, bytes | Path] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    sources: Iterable[Path] = (),
+    metadata: Mapping[str, str] | None = None,
+    description: str = "writing",
+) -> Path:
+    """Write ``tensors`` (in order, sharded) plus ``files`` (name -> bytes, or a path to copy)
+    as a Hugging Face model directory at ``target``, atomically.
+
+    Raises :class:`TargetError` before writing anything if the target is unusable and
+    :class:`DiskFullError` (after removing the partial output) if the disk fills up.
+    """
+    target = Path(target)
+    sources = [Path(s) for s in sources]
+    resolved = check_target(target, force=force, sources=sources)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(f"tensor {dup!r} appears twice in the output (a bug in the surgery plan)")
+    files = dict(files or {})
+    total = sum(t.slot.nbytes for t in tensors)
+    extra = sum(len(v) if isinstance(v, bytes) else Path(v).stat().st_size for v in files.values())
+
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(resolved)
+    free = shutil.disk_usage(resolved.parent).free
+    if free < total + extra:
+        raise DiskFullError(
+            f"{target}: needs {human_bytes(total + extra)} but only {human_bytes(free)} is free "
+            f"on that device. Free space or choose an output directory on another disk."
+        )
+
+    tmp = resolved.parent / f".{resolved.name}{_PARTIAL}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    producers = {t.name: t.producer for t in tensors}
+    shards = plan_shards([t.slot for t in tensors], max_shard_size)
+    filenames = shard_names(len(shards))
+    meta = {"format": "pt", **(metadata or {})}
+    src_files = _SourceFiles()
+    try:
+        tmp.mkdir()
+        with byte_progress(total, description) as advance:
+            for filename, slots in zip(filenames, shards):
+                _write_shard(tmp / filename, slots, producers, meta, src_files, advance)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {s.name: f for f, shard in zip(filenames, shards) for s in shard},
+            }
+            files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
+        for name, content in files.items():
+            dest = tmp / name
+            if isinstance(content, bytes):
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _write_all(fd, content)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                shutil.copyfile(content, dest)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, resolved)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"{target}: the disk filled up while writing ({e.strerror}); the partial output was "
+                f"removed and the source is untouched. Free at least {human_bytes(total + extra)} "
+                "or choose an output directory on another disk."
+            ) from None
+        raise TargetError(
+            f"{target}: I/O error while writing ({e.strerror or e}); the partial output was removed. "
+            "Check the device and try again."
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        src_files.close()
+    return resolved
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}{_OLD}{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_checkpoint(reader, target: str | Path, **kwargs) -> Path:
+    """Copy a checkpoint tensor by tensor (raw bytes) with its config and tokenizer files."""
+    if reader.is_pickle:
+        outputs = [
+            OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(lambda n=t.name: reader.get_tensor(n)))
+            for t in reader
+        ]
+    else:
+        outputs = [OutputTensor(TensorSlot(t.name, t.dtype, t.shape), RawCopy(t)) for t in reader]
+    files: dict[str, bytes | Path] = {"config.json": reader.path / "config.json"}
+    files.update({p.name: p for p in reader.carry_files()})
+    kwargs.setdefault("sources", [reader.path])
+    kwargs.setdefault("description", f"copying {reader.path.name}")
+    return write_checkpoint(target, outputs, files=files, **kwargs)

@@ -1,0 +1,56 @@
+"""Tiny random models of every supported family, for fast exact tests.
+
+Norm weights and biases are randomized (not left at 1/0) so that identity tricks cannot
+pass by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
+}
+
+
+def tiny_config(variant: str, **overrides):
+    import transformers
+
+    cls_name, extra = TINY_FAMILIES[variant]
+    return getattr(transformers, cls_name)(**{**COMMON, **extra, **overrides})
+
+
+def build_tiny_model(variant: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """Build, randomize and save a tiny model (idempotent: reuses an existing dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(variant, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
