@@ -18,7 +18,6 @@ each in a child process that reports its own peak RSS (VmHWM). Targets: raw copy
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -28,43 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPE = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
-
-
-def build(path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    import torch
-
-    from lmexpand.checkpoint import Computed, OutputTensor, TensorSlot, write_checkpoint
-
-    h, i, L, nh, nkv, v = (SHAPE[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
-    hd = h // nh
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(L):
-        p = f"model.layers.{layer}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (nkv * hd, h), p + "self_attn.v_proj.weight": (nkv * hd, h),
-            p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-        })
-    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(shape):
-        return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    outs = [OutputTensor(TensorSlot(n, "BF16", s), Computed(rand(s))) for n, s in shapes.items()]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": L, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-    }
-    print(f"building synthetic checkpoint at {path} ...", flush=True)
-    write_checkpoint(path, outs, files={"config.json": json.dumps(config).encode()}, max_shard_size=int(1.2e9))
-    return path
+from bench._common import synthetic_checkpoint  # noqa: E402
 
 
 CHILD = r"""
@@ -108,7 +71,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     args = ap.parse_args()
-    src = build(args.cache / "tinyllama-1.1b-bf16")
+    src = synthetic_checkpoint("1.1b", args.cache)
     sys.path.insert(0, str(ROOT))
     from lmexpand.checkpoint import CheckpointReader
 

@@ -119,6 +119,154 @@ def _print_summary(s: dict) -> None:
         console.print_json(json.dumps(lineage))
 
 
+# -- surgery ----------------------------------------------------------------------------
+class _SurgeryGroup(click.Group):
+    """Subcommands come from the method registry, loaded only when `surgery` is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from lmexpand.expand.registry import load_methods
+
+        return sorted(load_methods())
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from lmexpand.expand.registry import load_methods
+
+        method = load_methods().get(name)
+        return _surgery_command(method) if method else None
+
+
+@cli.group(cls=_SurgeryGroup)
+def surgery() -> None:
+    """Expand a model: lmexpand surgery METHOD SOURCE OUT [options].
+
+    Every method plans first (from the config and tensor headers), then streams the output
+    into OUT atomically. --dry-run prints the plan and writes nothing.
+
+    \b
+    Example:
+      lmexpand surgery llama-pro smollm2-135m out/pro --add 6 --dry-run
+    """
+
+
+def _option_for_field(name: str, field) -> click.Option:
+    import types
+    import typing
+
+    from lmexpand.expand.registry import flag_name
+
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+    base = args[0] if is_optional else annotation
+    default = field.default
+    help_text = (field.description or "") + ("" if default is None else f"  [default: {default}]")
+    flag = flag_name(name)
+    if base is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    if typing.get_origin(base) is typing.Literal:
+        return click.Option([flag, name], type=click.Choice([str(c) for c in typing.get_args(base)]), default=None, help=help_text)
+    if typing.get_origin(base) is list:
+        def split(ctx, param, value):
+            if value is None:
+                return None
+            try:
+                return [int(x) for x in value.split(",") if x.strip()]
+            except ValueError:
+                raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 3,7,11") from None
+
+        return click.Option([flag, name], type=str, default=None, callback=split, help=help_text, metavar="I,J,...")
+    click_type = {int: click.INT, float: click.FLOAT, str: click.STRING}.get(base, click.STRING)
+    return click.Option([flag, name], type=click_type, default=None, help=help_text)
+
+
+def _surgery_command(method) -> click.Command:
+    params: list[click.Parameter] = [click.Argument([s.lower()]) for s in method.sources]
+    params.append(click.Argument(["out"], required=False))
+    params += [_option_for_field(n, f) for n, f in method.config.model_fields.items()]
+    params += [
+        click.Option(["--dry-run"], is_flag=True, help="Print the plan (layer map, parameters, bytes, training memory); write nothing."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable output on stdout."),
+        click.Option(["--force"], is_flag=True, help="Replace OUT if it exists and is not empty."),
+        click.Option(["--max-shard-size"], default="5GB", show_default=True, help="Largest output shard (e.g. 2GB, 500MB)."),
+        click.Option(["--allow-pickle"], is_flag=True, help="Accept pytorch_model.bin (pickle) sources. Only for trusted files."),
+    ]
+
+    def run(**kw) -> None:
+        _run_surgery(method, kw)
+
+    return click.Command(method.name, params=params, callback=run, help=method.help,
+                         short_help=method.summary, context_settings=_CONTEXT)
+
+
+def _run_surgery(method, kw: dict) -> None:
+    from lmexpand.checkpoint.sources import open_source
+    from lmexpand.expand.executor import execute
+    from lmexpand.expand.plan import plan_summary
+    from lmexpand.expand.registry import parse_config
+    from lmexpand.units import parse_size
+
+    sources = [kw.pop(s.lower()) for s in method.sources]
+    out, dry_run, as_json = kw.pop("out"), kw.pop("dry_run"), kw.pop("as_json")
+    force, allow_pickle = kw.pop("force"), kw.pop("allow_pickle")
+    max_shard_size = parse_size(kw.pop("max_shard_size"), "--max-shard-size")
+    if out is None and not dry_run:
+        raise click.UsageError(f"missing argument OUT (the output directory); or use --dry-run")
+    cfg = parse_config(method, {k: v for k, v in kw.items() if v is not None})
+    readers = [open_source(s, allow_pickle=allow_pickle) for s in sources]
+    plan = method.plan(readers, cfg)
+    summary = plan_summary(plan)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            _print_plan(summary)
+        return
+    for note in plan.notes:
+        log.info("note: %s", note)
+    path = execute(plan, out, force=force, max_shard_size=max_shard_size, readers=readers)
+    log.info("wrote %s: %d layers, %s parameters (%s new)%s", path, summary["num_layers"] or 0,
+             f"{summary['parameters_total']:,}", f"{summary['parameters_new']:,}",
+             ", function-preserving at init" if plan.function_preserving else "")
+    if as_json:
+        click.echo(json.dumps({"output": str(path), **summary}, indent=2))
+
+
+def _print_plan(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmexpand.expand.plan import compress_layer_map
+    from lmexpand.units import human_bytes, human_count
+
+    console = Console()
+    table = Table(title=f"plan: {s['method']} (dry run, nothing written)", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    mem = s["training_memory_bytes"]
+    rows = [
+        ("arguments", ", ".join(f"{k}={v}" for k, v in s["arguments"].items() if v is not None)),
+        ("sources", ", ".join(s["sources"])),
+        ("layers", s["num_layers"]),
+        ("parameters", f"{s['parameters_total']:,} total ({human_count(s['parameters_total'])}), "
+                       f"{s['parameters_new']:,} new ({human_count(s['parameters_new'])})"),
+        ("tensors", f"{s['tensors_total']} total, {s['tensors_new']} new"),
+        ("bytes to write", f"{s['bytes_to_write']:,} ({human_bytes(s['bytes_to_write'])})"),
+        ("function-preserving", "yes (exact at init)" if s["function_preserving"] else "no"),
+        ("training memory", f"{human_bytes(mem['total'])} = new weights {human_bytes(mem['new_weights'])} "
+                            f"+ grads {human_bytes(mem['gradients'])} + AdamW {human_bytes(mem['adamw_states'])} "
+                            f"+ frozen weights {human_bytes(mem['frozen_weights'])} (activations not included)"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    if s["layer_map"]:
+        console.print("[bold]layer map[/bold] (output <- source):")
+        for line in compress_layer_map(s["layer_map"]):
+            console.print("  " + line)
+    for note in s["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
     try:

@@ -219,6 +219,28 @@ class CheckpointReader:
         path = self.path / LINEAGE_FILE
         return _load_json(path, LINEAGE_FILE) if path.is_file() else None
 
+    def layer_tensors(self, layer: int) -> list[TensorInfo]:
+        """The tensors of decoder layer ``layer`` (file order), checked against the family:
+        a layer missing a tensor its family requires is a broken checkpoint."""
+        assert self.family is not None
+        if not hasattr(self, "_by_layer"):
+            by_layer: dict[int, list[TensorInfo]] = {}
+            for t in self.tensors.values():
+                split = self.family.split_layer_name(t.name)
+                if split is not None:
+                    by_layer.setdefault(split[0], []).append(t)
+            self._by_layer = by_layer
+        found = self._by_layer.get(layer, [])
+        relative = {self.family.split_layer_name(t.name)[1] for t in found}  # type: ignore[index]
+        missing = [r for r in self.family.layer_tensors if r not in relative]
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: layer {layer} has no tensor {self.family.layer_name(layer, missing[0])!r} "
+                f"(a {self.family.name} layer needs {len(self.family.layer_tensors)}: "
+                f"{', '.join(self.family.layer_tensors)}). The checkpoint is incomplete or not {self.family.name}."
+            )
+        return found
+
     def carry_files(self) -> list[Path]:
         """Tokenizer, chat template and generation config files to carry to an output."""
         out = []

@@ -6,7 +6,7 @@ shard's safetensors header is written first and the values are streamed in after
 * a :class:`RawCopy` moves the source file's bytes in the kernel (``copy_file_range``,
   falling back to ``sendfile`` and then to chunked reads): no deserialization, no copy in
   user memory;
-* :class:`Zeros` are written in chunks without allocating the tensor;
+* :class:`Zeros` become a hole in the file (reads as zeros; nothing allocated or written);
 * a :class:`Computed` tensor is materialized (one at a time) and its bytes written.
 
 Output goes into a temporary directory beside the target, every file is fsynced, and the
@@ -241,15 +241,12 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
                     raise CheckpointError(f"{slot.name}: raw copy of {info.name} does not match the output slot")
                 _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes)
             elif isinstance(producer, Zeros):
-                remaining = slot.nbytes
-                zero = bytes(min(remaining, _CHUNK))
-                while remaining:
-                    n = min(remaining, len(zero))
-                    _write_all(fd, memoryview(zero)[:n])
-                    remaining -= n
+                # a hole: reads as zeros, costs no write (the final ftruncate fixes the length)
+                os.lseek(fd, slot.nbytes, os.SEEK_CUR)
             else:
                 _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
             advance(slot.nbytes)
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, function preservation, reports (issue: eval). Nothing here yet."""

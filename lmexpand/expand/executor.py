@@ -1,0 +1,132 @@
+"""Run a plan: streamed to disk (any size) or applied in memory (tests, small models).
+
+Both paths compute every tensor with the same op code, and the streamed path's raw byte
+copies are by construction the source bytes, so the two agree bitwise.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from lmexpand import __version__
+from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader, st_dtype_of
+from lmexpand.checkpoint.safetensors_format import TensorSlot
+from lmexpand.checkpoint.writer import (DEFAULT_MAX_SHARD_SIZE, Computed, OutputTensor, RawCopy,
+                                        write_checkpoint)
+from lmexpand.checkpoint.writer import Zeros as ZeroBytes
+from lmexpand.expand.plan import Plan, Read, TensorGetter, TensorPlan, Zeros
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("lmexpand")
+
+
+def compute_tensor(t: TensorPlan, get: TensorGetter) -> "torch.Tensor":
+    """One output tensor's values, in the plan's dtype and shape."""
+    from lmexpand.expand.plan import _torch_dtype
+
+    value = t.op.compute(get, t.shape, t.dtype)
+    value = value.to(_torch_dtype(t.dtype))
+    if tuple(value.shape) != t.shape:
+        raise ValueError(f"{t.name}: op gave shape {tuple(value.shape)}, plan says {t.shape} (a bug in the plan)")
+    return value
+
+
+def lineage_record(plan: Plan, readers: Sequence[CheckpointReader]) -> dict[str, Any]:
+    previous = [r.lineage() for r in readers]
+    return {
+        "lmexpand_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": plan.method,
+        "arguments": plan.arguments,
+        "sources": [r.fingerprint() for r in readers],
+        "function_preserving": plan.function_preserving,
+        "num_layers": len(plan.layer_map) if plan.layer_map else None,
+        "layer_map": plan.layer_map,
+        "new_parameters": list(plan.new_parameters),
+        "parameters_total": plan.total_params,
+        "parameters_new": plan.new_params,
+        **plan.extra_lineage,
+        "history": [p for p in previous if p],
+    }
+
+
+def execute(
+    plan: Plan,
+    out: str | Path,
+    *,
+    force: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    allow_pickle: bool = False,
+    readers: Sequence[CheckpointReader] | None = None,
+) -> Path:
+    """Stream ``plan`` into a new model directory ``out`` (atomically)."""
+    plan.validate()
+    readers = list(readers) if readers is not None else [CheckpointReader(p, allow_pickle=allow_pickle) for p in plan.sources]
+
+    def get(model: int, name: str) -> "torch.Tensor":
+        return readers[model].get_tensor(name)
+
+    outputs: list[OutputTensor] = []
+    for t in plan.tensors:
+        slot = TensorSlot(t.name, t.dtype, t.shape)
+        op = t.op
+        if isinstance(op, Read) and not readers[op.model].is_pickle:
+            info = readers[op.model].info(op.name)
+            if info.dtype == t.dtype and info.shape == t.shape:
+                outputs.append(OutputTensor(slot, RawCopy(info)))
+                continue
+        if isinstance(op, Zeros):
+            outputs.append(OutputTensor(slot, ZeroBytes()))
+        else:
+            outputs.append(OutputTensor(slot, Computed(lambda t=t: compute_tensor(t, get))))
+
+    files: dict[str, bytes | Path] = {p.name: p for p in readers[0].carry_files()}
+    files["config.json"] = (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode()
+    files[LINEAGE_FILE] = (json.dumps(lineage_record(plan, readers), indent=2) + "\n").encode()
+    try:
+        return write_checkpoint(
+            out, outputs, files=files, max_shard_size=max_shard_size, force=force,
+            sources=plan.sources, description=f"{plan.method} -> {Path(out).name}",
+        )
+    finally:
+        for r in readers:
+            r.close()
+
+
+def apply_to_state_dicts(plan: Plan, state_dicts: Sequence[Mapping[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
+    """The plan's output tensors computed from in-memory source state dicts."""
+    plan.validate()
+
+    def get(model: int, name: str) -> "torch.Tensor":
+        return state_dicts[model][name]
+
+    return {t.name: compute_tensor(t, get) for t in plan.tensors}
+
+
+def apply_to_model(plan: Plan, models: Sequence[Any]) -> Any:
+    """Apply ``plan`` to in-memory source models; returns a new stock transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    tensors = apply_to_state_dicts(plan, [{k: v.detach() for k, v in m.state_dict().items()} for m in models])
+    cfg = dict(plan.config)
+    config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"plan writes tensors the model class does not have: {unexpected[:3]}")
+    tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied:
+        raise ValueError(f"plan leaves parameters unset: {sorted(set(missing) - tied)[:3]}")
+    return model.eval()
+
+
+__all__ = ["execute", "apply_to_model", "apply_to_state_dicts", "compute_tensor", "lineage_record", "st_dtype_of"]

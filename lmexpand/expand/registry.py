@@ -1,0 +1,97 @@
+"""One registry of surgery methods.
+
+A method is one file in ``lmexpand/expand/`` that defines a typed config (a frozen pydantic
+model, unknown fields refused) and a plan function, registered with :func:`register_method`.
+The CLI builds ``lmexpand surgery <name>`` from the config's fields and the recipes validate
+against the same model, so adding a method touches no other file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmexpand.checkpoint.reader import CheckpointReader
+from lmexpand.errors import ConfigError
+from lmexpand.expand.plan import Plan
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's arguments: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+PlanFunction = Callable[[Sequence[CheckpointReader], Any], Plan]
+
+
+@dataclass(frozen=True)
+class SurgeryMethod:
+    name: str
+    config: type[MethodConfig]
+    plan: PlanFunction
+    summary: str
+    help: str
+    sources: tuple[str, ...] = ("SOURCE",)
+
+
+METHODS: dict[str, SurgeryMethod] = {}
+
+
+def register_method(name: str, *, config: type[MethodConfig], summary: str, help: str,
+                    sources: tuple[str, ...] = ("SOURCE",)) -> Callable[[PlanFunction], PlanFunction]:
+    def decorate(fn: PlanFunction) -> PlanFunction:
+        if name in METHODS:
+            raise ValueError(f"surgery method {name!r} is registered twice")
+        METHODS[name] = SurgeryMethod(name, config, fn, summary, help, sources)
+        return fn
+
+    return decorate
+
+
+_INFRASTRUCTURE = {"plan", "executor", "registry"}
+_loaded = False
+
+
+def load_methods() -> dict[str, SurgeryMethod]:
+    """Import every method module in this package (each registers itself)."""
+    global _loaded
+    if not _loaded:
+        import lmexpand.expand as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
+                importlib.import_module(f"lmexpand.expand.{info.name}")
+        _loaded = True
+    return METHODS
+
+
+def get_method(name: str) -> SurgeryMethod:
+    methods = load_methods()
+    if name not in methods:
+        raise ConfigError(f"unknown surgery method {name!r}. Available: {', '.join(sorted(methods))}.")
+    return methods[name]
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def parse_config(method: SurgeryMethod, values: Mapping[str, Any], *, style: str = "flag") -> MethodConfig:
+    """Validate arguments; every problem is reported at once, naming the flag (or recipe key),
+    the value given and what is allowed."""
+    try:
+        return method.config(**values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "(arguments)"
+            shown = flag_name(field) if style == "flag" and err["loc"] else field
+            given = err.get("input")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{shown}: {msg} (got {given!r})" if err["type"] != "missing" else f"{shown}: required")
+        raise ConfigError(f"surgery {method.name}: " + "; ".join(problems) + ".") from None

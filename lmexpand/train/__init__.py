@@ -1,0 +1,1 @@
+"""Continued pretraining of the new parameters only (issue: train). Nothing here yet."""
