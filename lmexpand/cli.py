@@ -152,7 +152,7 @@ def _option_for_field(name: str, field) -> click.Option:
     import types
     import typing
 
-    from lmexpand.expand.registry import flag_name
+    from lmexpand.validation import flag_name
 
     annotation = field.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -265,6 +265,119 @@ def _print_plan(s: dict) -> None:
             console.print("  " + line)
     for note in s["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+# -- train --------------------------------------------------------------------------------
+_TRAIN_MANUAL = {"model", "data", "out", "lora", "betas", "trainable", "extra_trainable"}
+
+
+def _train_config_params() -> list[click.Parameter]:
+    """One option per scalar TrainConfig field (the others are spelled out on the command)."""
+    from lmexpand.train.config import TrainConfig
+
+    return [_option_for_field(n, f) for n, f in TrainConfig.model_fields.items() if n not in _TRAIN_MANUAL]
+
+
+class _LazyParamsCommand(click.Command):
+    """Builds part of its options on first use, so `lmexpand --help` stays light."""
+
+    def __init__(self, *args, params_factory, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._params_factory = params_factory
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._params_factory is not None:
+            self.params.extend(self._params_factory())
+            self._params_factory = None
+        return super().get_params(ctx)
+
+
+@cli.command(cls=_LazyParamsCommand, params_factory=_train_config_params, context_settings=_CONTEXT)
+@click.option("--model", "model", help="Expanded model directory (with lmexpand.json), or an embedded name.")
+@click.option("--data", "data", multiple=True, help="Training file (.txt or .jsonl); repeat for several.")
+@click.option("--text-field", default=None, help="JSONL field with the text  [default: text]")
+@click.option("--template", default=None, help="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}'.")
+@click.option("--out", "out", help="Run directory: metrics, checkpoints, and the final model in OUT/model.")
+@click.option("--trainable", default=None, help="new (default: lmexpand.json's new_parameters), all, none, or comma-separated globs.")
+@click.option("--extra-trainable", default=None, help="Comma-separated globs added to the trainable set, e.g. '*norm*'.")
+@click.option("--lora", "use_lora", is_flag=True, help="Add LoRA adapters to frozen linear modules (peft).")
+@click.option("--lora-r", type=int, default=None, help="LoRA rank  [default: 8]")
+@click.option("--lora-targets", default=None, help="Comma-separated module names for LoRA  [default: q_proj,k_proj,v_proj,o_proj]")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="YAML recipe; its `train` section gives defaults that flags override.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume-from", type=click.Path(file_okay=False), default=None, help="Continue from this checkpoint directory.")
+@click.option("--force", is_flag=True, help="Start over in a non-empty --out (deletes it).")
+def train(**kw) -> None:
+    """Train only the new parameters of an expanded model (continued pretraining).
+
+    Everything that is not trainable stays bitwise unchanged; the final model in OUT/model
+    copies those tensors from the source byte for byte. Any option of the training
+    configuration can be given (see `lmexpand train --help`); run multi-GPU or multi-node
+    with `accelerate launch -m lmexpand train ...`.
+
+    \b
+    Examples:
+      lmexpand train --model out/pro --data ../shared/data/gsm8k/train.jsonl \\
+          --template 'Question: {question}\\nAnswer: {answer}' --out runs/pro --max-steps 200
+      lmexpand train --model out/pro --data corpus.txt --out runs/pro --resume
+      accelerate launch --config_file recipes/accelerate/ddp.yaml -m lmexpand train --model out/pro ...
+    """
+    from lmexpand.train.loop import train as run_training
+
+    cfg, resume, force = _train_config_from_cli(kw)
+    out_model = run_training(cfg, resume=resume, force=force)
+    log.info("trained model: %s", out_model)
+    click.echo(str(out_model))
+
+
+def _train_config_from_cli(kw: dict):
+    from pathlib import Path
+
+    from lmexpand.train.config import parse_train_config
+
+    values: dict = {}
+    style = "flag"
+    recipe = kw.pop("recipe")
+    if recipe:
+        from lmexpand.recipe import load_recipe_section
+
+        values = load_recipe_section(Path(recipe), "train")
+        style = "key"
+    text_field, template = kw.pop("text_field"), kw.pop("template")
+    data = kw.pop("data")
+    if data:
+        values["data"] = [{"path": d} for d in data]
+    if text_field or template:
+        values["data"] = [
+            {**d, **({"field": text_field} if text_field else {}), **({"template": template} if template else {})}
+            for d in values.get("data", [])
+        ]
+    for key in ("model", "out"):
+        if kw.get(key):
+            values[key] = kw[key]
+        kw.pop(key)
+    trainable, extra = kw.pop("trainable"), kw.pop("extra_trainable")
+    if trainable:
+        values["trainable"] = trainable if trainable in ("new", "all", "none") else trainable.split(",")
+    if extra:
+        values["extra_trainable"] = extra.split(",")
+    use_lora, lora_r, lora_targets = kw.pop("use_lora"), kw.pop("lora_r"), kw.pop("lora_targets")
+    if use_lora or lora_r or lora_targets:
+        lora = dict(values.get("lora") or {})
+        if lora_r:
+            lora["r"] = lora_r
+        if lora_targets:
+            lora["target_modules"] = lora_targets.split(",")
+        values["lora"] = lora
+    resume, resume_from, force = kw.pop("resume"), kw.pop("resume_from"), kw.pop("force")
+    values.update({k: v for k, v in kw.items() if v is not None})
+    for required in ("model", "out"):
+        if required not in values:
+            raise click.UsageError(f"missing --{required}")
+    if "data" not in values:
+        raise click.UsageError("missing --data (a .txt or .jsonl training file)")
+    cfg = parse_train_config(values, style=style)
+    return cfg, (Path(resume_from) if resume_from else resume), force
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def test_inspect_json(tiny_model, capsys):
     info = json.loads(out)
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert info["num_layers"] == cfg["num_hidden_layers"] == len(info["per_layer_parameters"])
-    assert info["hidden_size"] == 64 and info["vocab_size"] == 256
+    assert info["hidden_size"] == 64 and info["vocab_size"] == 320
     assert info["num_key_value_heads"] == 2
     assert info["dtype"] == "float32"
     assert info["tie_word_embeddings"] == cfg["tie_word_embeddings"]

@@ -14,7 +14,7 @@ COMMON = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=256,
+    vocab_size=320,
     max_position_embeddings=256,
     bos_token_id=1,
     eos_token_id=2,
@@ -53,4 +53,23 @@ def build_tiny_model(variant: str, path: Path, seed: int = 0, **overrides) -> Pa
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
+    save_tiny_tokenizer(path, model.config.vocab_size)
     return path
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 320) -> None:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids trained on a little real text, with
+    <pad>=0, <s>=1, </s>=2 to match the tiny configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data"
+    sample = (data_dir / "general-english" / "novels-1902-1927" / "valid.txt").read_text()[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([sample], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)

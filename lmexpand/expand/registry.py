@@ -13,11 +13,12 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan
+from lmexpand.validation import validate
 
 
 class MethodConfig(BaseModel):
@@ -77,21 +78,7 @@ def get_method(name: str) -> SurgeryMethod:
     return methods[name]
 
 
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def parse_config(method: SurgeryMethod, values: Mapping[str, Any], *, style: str = "flag") -> MethodConfig:
     """Validate arguments; every problem is reported at once, naming the flag (or recipe key),
     the value given and what is allowed."""
-    try:
-        return method.config(**values)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "(arguments)"
-            shown = flag_name(field) if style == "flag" and err["loc"] else field
-            given = err.get("input")
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{shown}: {msg} (got {given!r})" if err["type"] != "missing" else f"{shown}: required")
-        raise ConfigError(f"surgery {method.name}: " + "; ".join(problems) + ".") from None
+    return validate(method.config, values, what=f"surgery {method.name}", style=style)

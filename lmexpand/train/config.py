@@ -1,0 +1,93 @@
+"""Training settings: one typed model for the CLI and the recipes' ``train`` section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lmexpand.validation import validate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSource(_Strict):
+    """One training corpus: plain text (paragraphs separated by blank lines are documents),
+    JSONL with a text field, or JSONL rendered through a template."""
+
+    path: Path
+    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by extension (.jsonl/.json -> jsonl)")
+    field: str = Field("text", description="JSONL field holding the document text")
+    template: str | None = Field(
+        None, description="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}' (overrides field)"
+    )
+
+    @property
+    def kind(self) -> str:
+        if self.format != "auto":
+            return self.format
+        return "jsonl" if self.path.suffix in (".jsonl", ".json") else "text"
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(_Strict):
+    model: Path = Field(description="expanded model directory (with lmexpand.json)")
+    data: list[DataSource] = Field(min_length=1)
+    out: Path = Field(description="run directory: checkpoints, metrics, and the final model in out/model")
+    seq_len: int = Field(512, gt=1)
+    batch_size: int = Field(4, gt=0, description="sequences per device per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = Field(False, description="frozen base in 4-bit NF4 (bitsandbytes); trained tensors stay full precision")
+    trainable: Literal["new", "all", "none"] | list[str] = Field(
+        "new", description="'new' (lmexpand.json's new_parameters), 'all' (full fine-tuning), 'none' (with lora), or globs"
+    )
+    extra_trainable: list[str] = Field(default_factory=list, description="globs added to the trainable set, e.g. '*norm*'")
+    lora: LoraSettings | None = None
+    val_fraction: float = Field(0.02, ge=0, lt=1, description="documents held out for validation")
+    val_every: int = Field(50, ge=0, description="optimizer steps between validations (0: only at the end)")
+    val_batches: int = Field(8, gt=0)
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: none before the end)")
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    streaming: bool = Field(False, description="stream the corpus instead of loading it (larger than RAM)")
+    loss_chunk: int = Field(2048, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
+    tensorboard: bool = True
+
+    @field_validator("trainable")
+    @classmethod
+    def _globs_not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one glob, or 'new' or 'all'")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+def parse_train_config(values: dict, *, style: str = "flag") -> TrainConfig:
+    """Validate, reporting every problem at once with the flag (or key), value and rule."""
+    return validate(TrainConfig, values, what="train", style=style)

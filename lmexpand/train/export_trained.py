@@ -1,0 +1,79 @@
+"""The trained model as a full Hugging Face directory.
+
+Only what training changed comes from memory: the trainable tensors, and the weights LoRA
+adapters touch (merged as ``W_source + ΔW`` from the *source* tensor, so a 4-bit frozen base
+never leaks quantization error into the output). Every other tensor is copied from the
+source checkpoint byte for byte by the streaming writer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader, torch_dtype_name
+from lmexpand.checkpoint.safetensors_format import TensorSlot
+from lmexpand.checkpoint.writer import Computed, OutputTensor, RawCopy, write_checkpoint
+from lmexpand.train.config import TrainConfig
+
+
+def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[[], Any]]:
+    """Saved tensor name -> function giving its new value, for everything training changed."""
+    import torch
+
+    base = model.base_model.model if hasattr(model, "peft_config") else model
+    changed: dict[str, Callable[[], Any]] = {}
+
+    def as_source_dtype(name: str, value: "torch.Tensor") -> "torch.Tensor":
+        return value.detach().to("cpu", getattr(torch, torch_dtype_name(reader.info(name).dtype))).contiguous()
+
+    for name, p in base.named_parameters():
+        if p.requires_grad and name in reader.tensors:
+            changed[name] = lambda name=name, p=p: as_source_dtype(name, p)
+    for module_name, module in base.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and len(lora_a) and hasattr(module, "get_delta_weight"):
+            weight_name = module_name + ".weight"
+            adapter = next(iter(lora_a.keys()))
+
+            def merged(weight_name=weight_name, module=module, adapter=adapter):
+                with torch.no_grad():
+                    delta = module.get_delta_weight(adapter).float().cpu()
+                return as_source_dtype(weight_name, reader.get_tensor(weight_name).float() + delta)
+
+            changed[weight_name] = merged
+    return changed
+
+
+def write_trained_model(reader: CheckpointReader, model: Any, cfg: TrainConfig, out: Path,
+                        training: dict[str, Any]) -> Path:
+    changed = changed_tensors(reader, model)
+    outputs = [
+        OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(changed[t.name]) if t.name in changed else RawCopy(t))
+        for t in reader
+    ]
+    lineage = reader.lineage() or {"method": None, "new_parameters": []}
+    runs = list(lineage.get("training", []))
+    runs.append({
+        **training,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "trainable": cfg.trainable, "extra_trainable": cfg.extra_trainable,
+        "lora": cfg.lora.model_dump() if cfg.lora else None, "load_in_4bit": cfg.load_in_4bit,
+        "changed_tensors": sorted(changed),
+        "source_model": reader.fingerprint(),
+    })
+    lineage["training"] = runs
+    files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
+    files["config.json"] = reader.path / "config.json"
+    files[LINEAGE_FILE] = (json.dumps(lineage, indent=2) + "\n").encode()
+    if hasattr(model, "peft_config"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            for p in Path(d).iterdir():
+                files[f"lora_{p.name}"] = p.read_bytes()
+    return write_checkpoint(out, outputs, files=files, force=True, sources=[reader.path],
+                            description="writing trained model")

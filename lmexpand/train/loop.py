@@ -1,0 +1,335 @@
+"""Continued pretraining of the new parameters: one explicit loop over accelerate.
+
+Read top to bottom: set up (data, model, freezing, optimizer, schedule), then the loop
+(micro-batches with gradient accumulation, clipping, optimizer and schedule steps,
+logging, validation, checkpoints), then the final model, written by the streaming writer
+with the source's unchanged tensors copied byte for byte. The same code runs on one CPU,
+one GPU, or many processes under ``accelerate launch`` (DDP, FSDP, DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmexpand.errors import ConfigError
+from lmexpand.train.config import TrainConfig
+
+log = logging.getLogger("lmexpand")
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to ``lr``, then cosine (or linear) decay to ``min_lr_ratio * lr``."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return factor
+
+
+def _kill_point(point: str) -> None:
+    """Fault injection for the crash tests: ``LMEXPAND_KILL_AT=point`` SIGKILLs this process
+    there, leaving exactly what an external ``kill -9`` would."""
+    if os.environ.get("LMEXPAND_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | None:
+    """Decide where a resume starts; refuse to mix runs silently. Deletes nothing."""
+    from lmexpand.train.state import latest_checkpoint
+
+    run_dir = cfg.out
+    if resume:
+        ckpt = Path(resume) if isinstance(resume, Path) else latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from (looked in {run_dir}/checkpoints).")
+        return ckpt
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise ConfigError(
+                f"{run_dir}: exists and is not empty (an earlier run?). Pass --resume to continue it, "
+                "--force to start over (its contents are deleted), or choose another --out."
+            )
+    return None
+
+
+def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | None, use_bf16: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # keep every module that trains (and the head) in full precision
+        # patterns are regexes to transformers: escape the dots of module names
+        skip = sorted({re.escape(n.rsplit(".", 1)[0]) for n in (trainable_hint or set())} | {"lm_head"})
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
+            llm_int8_skip_modules=skip,
+        )
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def _optimizer(cfg: TrainConfig, params: list):
+    import torch
+
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False) -> Path:
+    """Run training; returns the final model directory (``cfg.out / "model"``)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from lmexpand.checkpoint.reader import CheckpointReader
+    from lmexpand.checkpoint.sources import resolve_source
+    from lmexpand.train.data import fingerprint_sources, load_packed_data
+    from lmexpand.train.freeze import add_lora, apply_freezing, print_parameter_table, trainable_names
+    from lmexpand.train.loss import CausalLMLoss
+    from lmexpand.train.state import TrainState, load_checkpoint, save_checkpoint
+
+    # ---- setup: everything that can fail on bad input fails here, before any write ----
+    model_dir = resolve_source(cfg.model)
+    reader = CheckpointReader(model_dir)
+    max_pos = reader.config.get("max_position_embeddings")
+    if max_pos and cfg.seq_len > max_pos:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
+    resume_from = _resume_point(cfg, resume, force)
+
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision="bf16" if use_bf16 else "no",
+        log_with="tensorboard" if cfg.tensorboard else None,
+        project_dir=str(cfg.out),
+    )
+    set_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _quiet_datasets()
+    with accelerator.main_process_first():
+        data = load_packed_data(cfg.data, tokenizer, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
+                                seed=cfg.seed, streaming=cfg.streaming)
+
+    # trainable set first (on a meta copy it costs nothing), so 4-bit loading can skip it
+    hint = _trainable_hint(cfg, model_dir, reader) if cfg.load_in_4bit else None
+    model = _load_model(cfg, model_dir, hint, use_bf16)
+    names = trainable_names(model, model_dir, cfg)
+    apply_freezing(model, names)
+    if use_bf16:  # new parameters train in full precision (AdamW on bf16 weights loses updates)
+        for n, p in model.named_parameters():
+            if n in names:
+                p.data = p.data.float()
+    if cfg.lora is not None:
+        model = add_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if accelerator.is_main_process:
+        n_train, n_frozen = print_parameter_table(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    optimizer = _optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    loss_model = CausalLMLoss(model, cfg.loss_chunk)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would
+    # step it once per process, changing the schedule with the number of processes.
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+
+    state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data))
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, state, trained, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    # every check passed: only now touch the run directory
+    if force and resume_from is None and cfg.out.exists() and accelerator.is_main_process:
+        shutil.rmtree(cfg.out)
+    accelerator.wait_for_everyone()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (cfg.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    if cfg.tensorboard:
+        accelerator.init_trackers("tensorboard", config={"lr": cfg.lr, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                                                         "grad_accum": cfg.grad_accum, "max_steps": cfg.max_steps})
+    metrics = open(cfg.out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step_blocks = cfg.batch_size * world * cfg.grad_accum
+    blocks = data.train_block_iter(state.blocks)
+
+    def micro_batch() -> "torch.Tensor":
+        """This process's share of the next global micro-batch (same blocks for any world size)."""
+        rows = [next(blocks) for _ in range(cfg.batch_size * world)]
+        mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        return torch.as_tensor(__import__("numpy").stack(mine)).to(accelerator.device)
+
+    def validate() -> float | None:
+        """Mean loss over the same validation blocks for any world size (each process takes
+        its share, then the sums are reduced)."""
+        n = min(len(data.val_blocks), cfg.val_batches * cfg.batch_size * world)
+        if n == 0:
+            return None
+        mine = data.val_blocks[rank:n:world]
+        loss_model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        with torch.no_grad():
+            for i in range(0, len(mine), cfg.batch_size):
+                ids = torch.as_tensor(mine[i:i + cfg.batch_size]).to(accelerator.device)
+                loss, _ = loss_model(ids)
+                total += loss.double() * len(ids)
+        loss_model.train()
+        return (accelerator.reduce(total, reduction="sum") / n).item()
+
+    # ---- the loop ----------------------------------------------------------------------
+    loss_model.train()
+    progress = _Progress(cfg.max_steps, state.step, accelerator.is_main_process)
+    last_val = None
+    if state.step == 0 and cfg.val_every:  # the starting point of the validation curve
+        last_val = validate()
+        if last_val is not None and metrics is not None:
+            metrics.write(json.dumps({"step": 0, "val_loss": last_val, "tokens": 0}) + "\n")
+    start_time = time.perf_counter()
+    start_tokens = state.tokens
+    while state.step < cfg.max_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        aux_total = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for _ in range(cfg.grad_accum):
+            ids = micro_batch()
+            with accelerator.accumulate(loss_model):
+                loss, aux = loss_model(ids)
+                accelerator.backward(loss + aux)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / cfg.grad_accum
+            aux_total += aux.detach() / cfg.grad_accum
+        scheduler.step()
+        state.step += 1
+        state.blocks += per_step_blocks
+        state.tokens += per_step_blocks * cfg.seq_len
+
+        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+        elapsed = time.perf_counter() - start_time
+        record: dict[str, Any] = {
+            "step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            "tokens": state.tokens, "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
+            "elapsed_s": elapsed,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if aux_total.item():
+            record["aux_loss"] = accelerator.reduce(aux_total, reduction="mean").item()
+        if (cfg.val_every and state.step % cfg.val_every == 0) or state.step == cfg.max_steps:
+            last_val = validate()
+            if last_val is not None:
+                record["val_loss"] = last_val
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if cfg.tensorboard:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+        progress.update(record, cfg.log_every)
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(cfg.out, state, _unwrapped_trained(trained), optimizer, scheduler, cfg.keep_last)
+            accelerator.wait_for_everyone()
+        _kill_point(f"train:after-step:{state.step}")
+    progress.close()
+    if metrics is not None:
+        metrics.close()
+
+    # ---- the result: the full model, original tensors streamed from the source ----------
+    out_model = cfg.out / "model"
+    if accelerator.is_main_process:
+        from lmexpand.train.export_trained import write_trained_model  # noqa: I001
+
+        write_trained_model(
+            reader, accelerator.unwrap_model(loss_model).model, cfg, out_model,
+            training={"steps": state.step, "tokens": state.tokens, "data": [str(d.path) for d in cfg.data],
+                      "data_fingerprint": state.data_fingerprint, "final_val_loss": last_val,
+                      "trainable_parameters": sum(p.numel() for p in params)},
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes trackers (and the process group): last
+    return out_model
+
+
+def _unwrapped_trained(trained: dict) -> dict:
+    return {n: p.data for n, p in trained.items()}
+
+
+def _trainable_hint(cfg: TrainConfig, model_dir: Path, reader) -> set[str]:
+    """The trainable names computed from an empty (meta) model, before the real load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmexpand.train.freeze import trainable_names
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return trainable_names(meta, model_dir, cfg)
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+class _Progress:
+    """A rich progress bar (interactive) or a log line every ``log_every`` steps."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        import sys
+
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty() and not os.environ.get("LMEXPAND_NO_PROGRESS"):
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            self.task = self.bar.add_task("train", total=total, completed=done, info="")
+            self.bar.start()
+
+    def update(self, r: dict, log_every: int) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s"
+        if "val_loss" in r:
+            info += f"  val {r['val_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+        elif r["step"] % log_every == 0 or "val_loss" in r:
+            log.info("step %d: %s", r["step"], info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
