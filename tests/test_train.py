@@ -208,3 +208,17 @@ def test_bad_values_name_the_flag(tiny_pro, gsm8k_small, tmp_path, capsys):
     _bad(capsys, tmp_path, train_args(tiny_pro, gsm8k_small, tmp_path / "run", "--lr", "-1", "--batch-size", "0"),
          "--lr: Input should be greater than 0", "--batch-size: Input should be greater than 0")
     _bad(capsys, tmp_path, train_args(tiny_pro, gsm8k_small, tmp_path / "run", "--optimizer", "sgd"), "--optimizer")
+
+
+def test_plain_text_streaming_and_tensorboard(tiny_pro, tmp_path, capsys):
+    corpus = tmp_path / "anatomy.txt"
+    corpus.write_text((SHARED / "biomed-anatomy" / "valid.txt").read_text()[:60_000])
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_pro), "--data", str(corpus), "--out", str(run), "--seq-len", "32",
+                 "--batch-size", "2", "--max-steps", "4", "--warmup-steps", "0", "--streaming", "--val-every", "2"])
+    assert code == 0, capsys.readouterr().err
+    rec = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec if "loss" in r] == [1, 2, 3, 4] and "val_loss" in rec[-1]
+    assert list((run / "tensorboard").rglob("events.out.tfevents*"))
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["streaming"] is True and cfg["data"][0]["path"] == str(corpus)

@@ -71,7 +71,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     streaming: bool = Field(False, description="stream the corpus instead of loading it (larger than RAM)")
-    loss_chunk: int = Field(2048, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
+    loss_chunk: int = Field(256, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
     tensorboard: bool = True
 
     @field_validator("trainable")

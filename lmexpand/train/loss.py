@@ -38,8 +38,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             loss += ((lse - target) * valid).sum()
             if need_h or need_w:
-                # d(mean CE)/d(logits) = (softmax - onehot) / n_valid on valid rows
-                grad = torch.exp(logits - lse.unsqueeze(1))
+                # d(mean CE)/d(logits) = (softmax - onehot) / n_valid on valid rows, built in
+                # the logits buffer itself: one chunk of [chunk, vocab] floats is the peak
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()
                 grad[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
                 grad *= (valid.float() / n_valid).unsqueeze(1)
                 if need_h:
@@ -64,7 +65,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk: int = 2048) -> torch.Tensor:
+                               chunk: int = 256) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` (already
     shifted; IGNORE_INDEX rows skipped). ``hidden``: [N, H], ``labels``: [N]."""
     return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
@@ -82,7 +83,7 @@ class CausalLMLoss(nn.Module):
     one (MoE router balancing: ``outputs.aux_loss``), else 0.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 2048):
+    def __init__(self, model: nn.Module, chunk: int = 256):
         super().__init__()
         self.model = model
         self.chunk = chunk
