@@ -380,6 +380,95 @@ def _train_config_from_cli(kw: dict):
     return cfg, (Path(resume_from) if resume_from else resume), force
 
 
+# -- eval ---------------------------------------------------------------------------------
+@cli.command(name="eval", context_settings=_CONTEXT)
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True, help="NAME=FILE (.txt or .jsonl) to score; repeat.")
+@click.option("--template", default=None, help="JSONL template for every .jsonl set, e.g. 'Question: {question}\\nAnswer: {answer}'.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field with the text.")
+@click.option("--base", default=None, help="Base model to compare with (perplexity rows and max |Δlogit|).")
+@click.option("--compare", multiple=True, help="LABEL=MODEL: another model to score, e.g. expanded=out/pro.")
+@click.option("--out", required=True, help="Directory for results.json, report.md and the plots.")
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Tokens scored per set.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Window length.")
+@click.option("--stride", type=int, default=None, help="Window stride (default: --seq-len, disjoint windows).")
+@click.option("--no-samples", is_flag=True, help="Skip the sample generations.")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness TASKS (needs the lm-eval extra and local task data).")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
+def eval_command(model: str, data, template, text_field, base, compare, out, max_tokens, seq_len, stride,
+                 no_samples, lm_eval_tasks, as_json) -> None:
+    """Perplexity per text set against a base, function preservation, parameters, samples.
+
+    MODEL is a model directory, a training run directory (its model/ and metrics.jsonl are
+    used: the report then plots the loss curves), or an embedded name.
+
+    \b
+    Example:
+      lmexpand eval runs/pro --base smollm2-135m --compare expanded=out/pro \\
+          --data domain=../shared/data/gsm8k/test.jsonl \\
+          --data general=../shared/data/general-english/openstax-humanities/valid.txt \\
+          --template $'Question: {question}\\nAnswer: {answer}' --out reports/pro
+    """
+    from pathlib import Path
+
+    from lmexpand.errors import ConfigError
+    from lmexpand.eval.perplexity import parse_text_set
+    from lmexpand.eval.report import run_eval
+
+    if max_tokens <= 0 or seq_len <= 1 or (stride is not None and stride <= 0):
+        raise ConfigError("--max-tokens, --seq-len and --stride must be positive (--seq-len at least 2).")
+    pairs = []
+    for c in compare:
+        label, sep, spec = c.partition("=")
+        if not sep or not label or not spec:
+            raise ConfigError(f"--compare {c!r}: use LABEL=MODEL, e.g. expanded=out/pro")
+        pairs.append((label, spec))
+    if lm_eval_tasks:
+        from lmexpand.eval.harness import check_lm_eval
+
+        check_lm_eval()
+    sets = [parse_text_set(d, template, text_field) for d in data]
+    results = run_eval(model, sets, Path(out), base=base, compare=pairs, max_tokens=max_tokens, seq_len=seq_len,
+                       stride=stride, samples=not no_samples)
+    if lm_eval_tasks:
+        from lmexpand.eval.harness import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(results["model"], lm_eval_tasks.split(","), Path(out))
+    log.info("report: %s", Path(out) / "report.md")
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+
+
+# -- export -------------------------------------------------------------------------------
+@cli.command(context_settings=_CONTEXT)
+@click.argument("source")
+@click.argument("out")
+@click.option("--eval", "eval_dir", default=None, help="An `lmexpand eval` output dir whose table goes into the model card (default: RUN/eval if present).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, force: bool) -> None:
+    """Write a clean Hugging Face model directory with a model card.
+
+    SOURCE is a model directory or a training run directory (its model/). Tensors are
+    streamed into fresh safetensors shards; the config loses private keys; tokenizer,
+    chat template and generation config come along; README.md records the lineage and the
+    evaluation table.
+
+    \b
+    Example:
+      lmexpand export runs/pro exported/smollm2-pro-math --eval reports/pro
+    """
+    from pathlib import Path
+
+    from lmexpand.export import export_model
+    from lmexpand.units import parse_size
+
+    path = export_model(source, out, force=force, eval_dir=Path(eval_dir) if eval_dir else None,
+                        max_shard_size=parse_size(max_shard_size, "--max-shard-size"))
+    log.info("exported: %s", path)
+    click.echo(str(path))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
     try:

@@ -1,0 +1,129 @@
+"""Perplexity on a text set with a fixed token budget, and the function-preservation check.
+
+Text is read like training data (plain text paragraphs, or JSONL with a field or a template),
+documents joined with EOS, and the first ``max_tokens`` tokens are scored in windows of
+``seq_len`` moved by ``stride``: each token is scored once, with up to ``seq_len - stride``
+tokens of left context from the previous window (stride == seq_len: disjoint windows).
+The same budget for every model makes perplexities comparable across rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmexpand.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TextSet:
+    name: str
+    path: Path
+    field: str = "text"
+    template: str | None = None
+
+
+def parse_text_set(spec: str, template: str | None = None, field: str = "text") -> TextSet:
+    """``name=FILE`` (or just FILE, named after the file)."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).stem, spec
+    if not name or not path:
+        raise ConfigError(f"--data {spec!r}: use NAME=FILE, e.g. domain=../shared/data/gsm8k/test.jsonl")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--data {spec!r}: {p} is not a file.")
+    return TextSet(name, p, field, template)
+
+
+def read_documents(ts: TextSet) -> list[str]:
+    if ts.path.suffix in (".jsonl", ".json"):
+        docs = []
+        with open(ts.path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    docs.append(ts.template.format(**rec) if ts.template else str(rec[ts.field]))
+                except (ValueError, KeyError) as e:
+                    raise ConfigError(
+                        f"{ts.path}:{i}: cannot read a document ({type(e).__name__}: {e}); "
+                        "check --text-field / --template."
+                    ) from None
+        return docs
+    text = ts.path.read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def token_stream(ts: TextSet, tokenizer: Any, max_tokens: int) -> list[int]:
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for doc in read_documents(ts):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens + 1:
+            break
+    return ids[: max_tokens + 1]
+
+
+def perplexity(model: Any, ids: list[int], *, seq_len: int, stride: int, batch_size: int = 4) -> dict[str, float]:
+    """Mean next-token NLL and its exp over ``ids`` (each target token scored once)."""
+    import torch
+
+    if len(ids) < 2:
+        raise ConfigError("fewer than 2 tokens to score; give more text.")
+    stride = min(stride, seq_len)
+    windows = []  # (start, end, number of new targets at the window's end)
+    prev_end = 0
+    for start in range(0, len(ids) - 1, stride):
+        end = min(start + seq_len, len(ids) - 1)
+        new = end - max(prev_end, start)
+        if new > 0:
+            windows.append((start, end, new))
+        prev_end = end
+        if end == len(ids) - 1:
+            break
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            width = max(e - s for s, e, _ in group)
+            inp = torch.zeros((len(group), width), dtype=torch.long)
+            tgt = torch.full((len(group), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, (s, e, new) in enumerate(group):
+                n = e - s
+                inp[row, :n] = torch.tensor(ids[s:e])
+                mask[row, :n] = 1
+                tgt[row, n - new:n] = torch.tensor(ids[e - new + 1:e + 1])
+            logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
+                                                    ignore_index=-100, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((tgt != -100).sum())
+    mean = total_nll / total_tokens
+    return {"nll": mean, "ppl": math.exp(mean), "tokens": total_tokens}
+
+
+def logit_difference(model: Any, base: Any, *, vocab_size: int, seed: int = 0) -> dict[str, float]:
+    """max and mean |Δlogit| between two models on a fixed padded batch of random tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (4, 48), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    mask[3, :20] = 0
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits.float()
+        b = base(input_ids=ids, attention_mask=mask).logits.float()
+    valid = mask.bool()
+    d = (a - b).abs()[valid]
+    return {"max_abs_dlogit": d.max().item(), "mean_abs_dlogit": d.mean().item()}

@@ -1,0 +1,219 @@
+"""`lmexpand eval`: what expansion gained and what it kept, as JSON, Markdown and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmexpand.errors import ConfigError
+from lmexpand.eval.perplexity import TextSet, logit_difference, perplexity, token_stream
+
+log = logging.getLogger("lmexpand")
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "Question: Tom has 12 apples and gives 5 to Ann. How many apples does Tom have now?\nAnswer:",
+    "The human heart pumps blood",
+)
+
+
+def resolve_model(spec: str) -> tuple[Path, Path | None]:
+    """A model dir, or a training run dir (its ``model/`` and its metrics)."""
+    from lmexpand.checkpoint.sources import resolve_source
+
+    path = resolve_source(spec)
+    if (path / "model" / "config.json").is_file():
+        metrics = path / "metrics.jsonl"
+        return path / "model", metrics if metrics.is_file() else None
+    if (path.parent / "metrics.jsonl").is_file() and path.name == "model":
+        return path, path.parent / "metrics.jsonl"
+    return path, None
+
+
+def parameter_accounting(model_dir: Path) -> dict[str, int]:
+    from lmexpand.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(model_dir)
+    sizes = {t.name: t.numel for t in reader}
+    lineage = reader.lineage() or {}
+    new = set(lineage.get("new_parameters") or [])
+    trained = set()
+    for run in lineage.get("training") or []:
+        trained |= set(run.get("changed_tensors") or [])
+    total = sum(sizes.values())
+    n_trained = sum(sizes.get(n, 0) for n in trained)
+    return {"total": total, "new": sum(sizes.get(n, 0) for n in new), "trained": n_trained, "frozen": total - n_trained}
+
+
+def _load(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: str | None = None,
+             compare: Sequence[tuple[str, str]] = (), max_tokens: int = 16384, seq_len: int = 256,
+             stride: int | None = None, samples: bool = True) -> dict[str, Any]:
+    if not text_sets:
+        raise ConfigError("give at least one --data NAME=FILE to score.")
+    names = [t.name for t in text_sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--data names must be unique, got {names}.")
+    stride = stride or seq_len
+    model_dir, metrics_path = resolve_model(model_spec)
+    rows: list[tuple[str, Path]] = []
+    if base is not None:
+        rows.append(("base", resolve_model(base)[0]))
+    rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
+    rows.append(("model", model_dir))
+
+    results: dict[str, Any] = {
+        "model": str(model_dir), "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "stride": stride},
+        "perplexity": {}, "parameters": parameter_accounting(model_dir),
+    }
+    loaded: dict[str, Any] = {}
+    tokenizer = None
+    for label, path in rows:
+        model, tok = _load(path)
+        tokenizer = tokenizer or tok
+        loaded[label] = model
+        results["perplexity"][label] = {}
+        for ts in text_sets:
+            ids = token_stream(ts, tok, max_tokens)
+            results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
+            log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
+                     results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
+        if label not in ("base", "model"):
+            del loaded[label]
+    if "base" in loaded:
+        vocab = min(loaded["model"].config.vocab_size, loaded["base"].config.vocab_size)
+        results["function_preservation"] = logit_difference(loaded["model"], loaded["base"], vocab_size=vocab)
+    if samples:
+        m_tok = _load(model_dir)[1]
+        results["samples"] = [{"prompt": p, "model": _generate(loaded["model"], m_tok, p),
+                               **({"base": _generate(loaded["base"], m_tok, p)} if "base" in loaded else {})}
+                              for p in SAMPLE_PROMPTS]
+    routers = [n for n, _ in loaded["model"].named_modules() if n.endswith(".mlp.gate") or n.endswith("router")]
+    results["moe"] = {"routers": len(routers)} if routers else None
+    if metrics_path is not None:
+        results["training_log"] = str(metrics_path)
+    write_report(results, out, metrics_path)
+    return results
+
+
+def write_report(results: dict[str, Any], out: Path, metrics_path: Path | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if metrics_path is not None:
+        _plot_losses(metrics_path, out / "loss.png")
+        plots.append("loss.png")
+    _plot_perplexity(results["perplexity"], out / "perplexity.png")
+    plots.append("perplexity.png")
+    results["plots"] = plots
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(results))
+
+
+def fmt(x: float) -> str:
+    """Numbers as printed in report.md (and compared with results.json by the tests)."""
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.1f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    ppl = r["perplexity"]
+    sets = list(next(iter(ppl.values())))
+    lines = [f"# Evaluation of `{r['model']}`", ""]
+    s = r["settings"]
+    lines += [f"Perplexity on the first {s['max_tokens']:,} tokens of each set, windows of {s['seq_len']} "
+              f"tokens, stride {s['stride']}.", ""]
+    lines += ["| model | " + " | ".join(f"{n} ppl" for n in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for label, row in ppl.items():
+        lines.append(f"| {label} | " + " | ".join(fmt(row[n]["ppl"]) for n in sets) + " |")
+    if "base" in ppl and "model" in ppl:
+        lines += ["", "Change vs base:", ""]
+        for n in sets:
+            b, m = ppl["base"][n]["ppl"], ppl["model"][n]["ppl"]
+            lines.append(f"- {n}: {fmt(b)} -> {fmt(m)} ({100 * (m - b) / b:+.2f} %)")
+    p = r["parameters"]
+    lines += ["", "## Parameters", "", "| total | new (surgery) | trained | frozen |", "|---|---|---|---|",
+              f"| {p['total']:,} | {p['new']:,} | {p['trained']:,} | {p['frozen']:,} |"]
+    if "function_preservation" in r:
+        fp = r["function_preservation"]
+        lines += ["", "## Function preservation vs base", "",
+                  f"max |Δlogit| = {fp['max_abs_dlogit']:.6g}, mean |Δlogit| = {fp['mean_abs_dlogit']:.6g} "
+                  "(fixed padded batch of 4 × 48 random tokens)."]
+    if r.get("moe"):
+        lines += ["", f"MoE: {r['moe']['routers']} router modules found."]
+    for plot in r.get("plots", []):
+        lines += ["", f"![{plot}]({plot})"]
+    if r.get("samples"):
+        lines += ["", "## Samples (greedy, 32 tokens)", ""]
+        for smp in r["samples"]:
+            lines.append(f"**Prompt:** {smp['prompt']!r}")
+            for who in ("base", "model"):
+                if who in smp:
+                    lines.append(f"- {who}: {smp[who]!r}")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    train = [(r["step"], r["loss"]) for r in rec if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rec if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _plot_perplexity(ppl: dict[str, dict[str, dict[str, float]]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(ppl)
+    sets = list(next(iter(ppl.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sets) * len(labels) ** 0.5 + 4), 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        xs = [j + i * width for j in range(len(sets))]
+        vals = [ppl[label][s]["ppl"] for s in sets]
+        bars = ax.bar(xs, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(sets))], sets)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("perplexity by text set")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

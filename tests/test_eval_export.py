@@ -1,0 +1,100 @@
+"""Eval reports (numbers, plots) and export (stock-loadable, same logits, model card)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmexpand.cli import main
+from lmexpand.eval.report import fmt
+from tests.test_train import SHARED, TEMPLATE, gsm8k_small, tiny_pro, train_args  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_pro, gsm8k_small, tmp_path_factory) -> Path:  # noqa: F811
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(train_args(tiny_pro, gsm8k_small, run, "--max-steps", 6, "--val-every", 3)) == 0
+    return run
+
+
+def eval_args(model, out, *extra):
+    return ["eval", str(model), "--data", f"domain={SHARED / 'gsm8k' / 'test.jsonl'}",
+            "--data", f"general={SHARED / 'general-english' / 'openstax-humanities' / 'valid.txt'}",
+            "--template", TEMPLATE, "--out", str(out), "--max-tokens", "1024", "--seq-len", "64", *map(str, extra)]
+
+
+def test_report_numbers_match_results_and_plots_exist(trained_run, tiny_pro, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(eval_args(trained_run, out, "--base", tiny_llama, "--compare", f"expanded={tiny_pro}"))
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    lines = report.splitlines()
+    table = lines[lines.index("|---|---|---|") + 1:]
+    for label, row in results["perplexity"].items():
+        line = next(l for l in table if l.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert cells == [fmt(row["domain"]["ppl"]), fmt(row["general"]["ppl"])]
+        assert row["domain"]["tokens"] == 1024
+    # the expanded model is exact at init: same perplexity as the base, Δlogit 0
+    assert results["perplexity"]["expanded"] == results["perplexity"]["base"]
+    p = results["parameters"]
+    assert p["new"] == p["trained"] == 73_984 and p["total"] == p["trained"] + p["frozen"]
+    assert f"{p['trained']:,}" in report
+    for png in ("loss.png", "perplexity.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        assert f"]({png})" in report
+    assert len(results["samples"]) == 3 and "base" in results["samples"][0]
+
+
+def test_function_preservation_is_reported_exactly(tiny_pro, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "fp"
+    assert main(eval_args(tiny_pro, out, "--base", tiny_llama, "--no-samples")) == 0
+    fp = json.loads((out / "results.json").read_text())["function_preservation"]
+    assert fp == {"max_abs_dlogit": 0.0, "mean_abs_dlogit": 0.0}
+    assert "max |Δlogit| = 0," in (out / "report.md").read_text()
+
+
+def test_export_loads_with_stock_transformers_and_keeps_logits(trained_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    code = main(["export", str(trained_run), str(out), "--max-shard-size", "300KB"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.safetensors.index.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "llama-pro" in card and "6 steps" in card and "gsm8k-400.jsonl" in card
+    cfg = json.loads((out / "config.json").read_text())
+    assert not any(k.startswith("_") for k in cfg)
+    trained = AutoModelForCausalLM.from_pretrained(trained_run / "model").eval()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=ids).logits, exported(input_ids=ids).logits)
+
+
+def test_eval_and_export_errors(tiny_pro, tmp_path, capsys):
+    def bad(args, *needles):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        for n in needles:
+            assert n in err, (n, err)
+
+    bad(["eval", str(tiny_pro), "--data", "domain=/nope.txt", "--out", str(tmp_path / "r")], "/nope.txt", "not a file")
+    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+         "--max-tokens", "100"], "KeyError", "--text-field")
+    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+         "--compare", "oops"], "--compare 'oops'", "LABEL=MODEL")
+    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+         "--lm-eval", "gsm8k"], "lm-evaluation-harness", "pip install lm-eval")
+    existing = tmp_path / "e"
+    existing.mkdir()
+    (existing / "f").write_text("x")
+    bad(["export", str(tiny_pro), str(existing)], "not empty", "--force")
+    bad(["export", str(tiny_pro), str(tmp_path / "x"), "--eval", str(tmp_path)], "no results.json")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
