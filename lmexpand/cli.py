@@ -469,6 +469,36 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
     click.echo(str(path))
 
 
+# -- run --------------------------------------------------------------------------------
+@cli.command(context_settings=_CONTEXT)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--check", is_flag=True, help="Validate the recipe and exit (no work).")
+def run(recipe: str, check: bool) -> None:
+    """Run a whole job from one YAML recipe: surgery, train, eval, export.
+
+    Every section is optional; the whole recipe is validated before any work. Stages whose
+    inputs did not change since they completed are skipped, so re-running a crashed job
+    continues where it stopped (training resumes from its last checkpoint).
+
+    \b
+    Example:
+      lmexpand run recipes/quickstart.yaml
+      lmexpand run recipes/llama-pro.yaml --check
+    """
+    from pathlib import Path
+
+    from lmexpand.recipe import load_job, run_job
+
+    job = load_job(Path(recipe))
+    if check:
+        log.info("%s: valid", recipe)
+        return
+    outputs = run_job(job)
+    for stage, path in outputs.items():
+        log.info("%s: %s", stage, path)
+    click.echo(json.dumps(outputs, indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
     try:

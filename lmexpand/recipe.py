@@ -6,10 +6,21 @@ move together; embedded model names (smollm2-135m) stay names.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from lmexpand.errors import ConfigError
+from lmexpand.validation import validate
+
+log = logging.getLogger("lmexpand")
 
 _PATH_KEYS = ("model", "out", "source")
 
@@ -18,7 +29,7 @@ def _resolve(base: Path, value: Any) -> Any:
     from lmexpand.checkpoint.sources import EMBEDDED
 
     if isinstance(value, str) and value not in EMBEDDED and not Path(value).is_absolute():
-        return str(base / value)
+        return os.path.normpath(base / value)
     return value
 
 
@@ -52,3 +63,236 @@ def load_recipe_section(path: Path, section: str) -> dict[str, Any]:
             for d in values["data"]
         ]
     return values
+
+
+# -- whole-job recipes: `lmexpand run RECIPE.yaml` ------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SurgerySection(_Section):
+    method: str
+    source: str
+    out: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSection(_Section):
+    data: dict[str, str] = Field(min_length=1, description="name -> file")
+    template: str | None = None
+    text_field: str = "text"
+    base: str | None = Field(None, description="default: the surgery's source")
+    max_tokens: int = Field(16384, gt=0)
+    seq_len: int = Field(256, gt=1)
+    stride: int | None = Field(None, gt=0)
+    samples: bool = True
+    out: str | None = None
+
+
+class ExportSection(_Section):
+    out: str | None = None
+    max_shard_size: str = "5GB"
+
+
+class RecipeFile(_Section):
+    name: str | None = None
+    workdir: str = Field("out", description="stage outputs go here unless a section names its own out")
+    surgery: SurgerySection | None = None
+    train: dict[str, Any] | None = None
+    eval: EvalSection | None = None
+    export: ExportSection | None = None
+
+
+@dataclass
+class Job:
+    """A validated recipe: every path resolved, every section's settings checked."""
+
+    path: Path
+    workdir: Path
+    surgery: tuple[Any, Any, str, Path] | None = None  # (method, config, source, out)
+    train: Any = None  # TrainConfig
+    eval: EvalSection | None = None
+    eval_out: Path | None = None
+    export_out: Path | None = None
+    export: ExportSection | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def _must_exist(where: str, value: str) -> None:
+    from lmexpand.checkpoint.sources import EMBEDDED
+
+    if value not in EMBEDDED and not Path(value).exists():
+        raise ConfigError(f"{where}: {value}: no such file or directory.")
+
+
+def load_job(path: Path) -> Job:
+    """Validate the whole recipe before any work; the first problem found is reported with
+    its section and key."""
+    from lmexpand.expand.registry import get_method, load_methods, parse_config
+    from lmexpand.train.config import TrainConfig
+
+    doc = load_recipe(path)
+    recipe = validate(RecipeFile, doc, what=f"{path}", style="key")
+    base = path.resolve().parent
+    workdir = Path(_resolve(base, recipe.workdir))
+    job = Job(path=path, workdir=workdir)
+    produced: str | None = None
+    source_model: str | None = None
+    if recipe.surgery is not None:
+        s = recipe.surgery
+        methods = load_methods()
+        if s.method not in methods:
+            raise ConfigError(f"{path}: surgery.method: unknown method {s.method!r}; available: {', '.join(sorted(methods))}.")
+        method = get_method(s.method)
+        try:
+            cfg = parse_config(method, s.args, style="key")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: surgery.args: {str(e).split(': ', 1)[1]}") from None
+        source = _resolve(base, s.source)
+        _must_exist(f"{path}: surgery.source", source)
+        out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
+        job.surgery = (method, cfg, source, out)
+        produced, source_model = str(out), source
+    if recipe.train is not None:
+        values = dict(recipe.train)
+        for key in ("model", "out"):
+            if key in values:
+                values[key] = _resolve(base, values[key])
+        values.setdefault("model", produced)
+        values.setdefault("out", str(workdir / "train"))
+        if values["model"] is None:
+            raise ConfigError(f"{path}: train.model: required when the recipe has no surgery section.")
+        if isinstance(values.get("data"), list):
+            values["data"] = [{**d, "path": _resolve(base, d["path"])} if isinstance(d, dict) and "path" in d else d
+                              for d in values["data"]]
+        job.train = validate(TrainConfig, values, what=f"{path}: train", style="key")
+        if produced is None:
+            _must_exist(f"{path}: train.model", str(job.train.model))
+        for d in job.train.data:
+            _must_exist(f"{path}: train.data", str(d.path))
+        produced = str(job.train.out / "model")
+        source_model = source_model or str(job.train.model)
+    if recipe.eval is not None:
+        ev = recipe.eval
+        data = {k: _resolve(base, v) for k, v in ev.data.items()}
+        for k, v in data.items():
+            _must_exist(f"{path}: eval.data.{k}", v)
+        ev = ev.model_copy(update={"data": data, "base": _resolve(base, ev.base) if ev.base else source_model})
+        if produced is None:
+            raise ConfigError(f"{path}: eval: needs a surgery or train section to evaluate.")
+        job.eval = ev
+        job.eval_out = Path(_resolve(base, ev.out)) if ev.out else workdir / "eval"
+    if recipe.export is not None:
+        if produced is None:
+            raise ConfigError(f"{path}: export: needs a surgery or train section to export.")
+        job.export = recipe.export
+        job.export_out = Path(_resolve(base, recipe.export.out)) if recipe.export.out else workdir / "export"
+    if not any((job.surgery, job.train, job.eval, job.export)):
+        raise ConfigError(f"{path}: the recipe has no section to run (surgery, train, eval, export).")
+    return job
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _marker(job: Job, stage: str) -> Path:
+    return job.workdir / ".lmexpand-run" / f"{stage}.json"
+
+
+def _done(job: Job, stage: str, fp: str, output: Path) -> bool:
+    m = _marker(job, stage)
+    return m.is_file() and json.loads(m.read_text()).get("fingerprint") == fp and output.exists()
+
+
+def _mark(job: Job, stage: str, fp: str, output: Path, state: str = "done") -> None:
+    m = _marker(job, stage)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    tmp = m.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fp, "output": str(output), "state": state}))
+    os.replace(tmp, m)
+
+
+def _kill_point(point: str) -> None:
+    if os.environ.get("LMEXPAND_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_job(job: Job) -> dict[str, str]:
+    """Run the stages in order; a stage whose inputs (fingerprints) did not change since it
+    completed is skipped, so a crashed run continues where it stopped."""
+    from lmexpand.checkpoint.reader import CheckpointReader
+    from lmexpand.checkpoint.sources import open_source
+
+    outputs: dict[str, str] = {}
+    upstream = ""
+    if job.surgery is not None:
+        method, cfg, source, out = job.surgery
+        reader = open_source(source)
+        fp = _digest("surgery", method.name, cfg.model_dump(), reader.fingerprint()["sha256"])
+        if _done(job, "surgery", fp, out):
+            log.info("surgery: up to date (%s), skipped", out)
+        else:
+            from lmexpand.expand.executor import execute
+
+            execute(method.plan([reader], cfg), out, force=True, readers=[reader])
+            _mark(job, "surgery", fp, out)
+        outputs["surgery"], upstream = str(out), fp
+        _kill_point("run:after-surgery")
+    if job.train is not None:
+        from lmexpand.train.data import fingerprint_sources
+        from lmexpand.train.loop import train
+
+        cfg = job.train
+        model_fp = upstream or CheckpointReader(cfg.model).fingerprint()["sha256"]
+        fp = _digest("train", cfg.model_dump(mode="json"), model_fp, fingerprint_sources(cfg.data))
+        final = cfg.out / "model"
+        if _done(job, "train", fp, final):
+            log.info("train: up to date (%s), skipped", final)
+        else:
+            m = _marker(job, "train")
+            started = m.is_file() and json.loads(m.read_text()).get("fingerprint") == fp
+            from lmexpand.train.state import latest_checkpoint
+
+            resume = started and latest_checkpoint(cfg.out) is not None
+            if resume:
+                log.info("train: resuming the interrupted run in %s", cfg.out)
+            _mark(job, "train", fp, final, state="started")
+            train(cfg, resume=resume, force=not resume)
+            _mark(job, "train", fp, final)
+        outputs["train"], upstream = str(final), fp
+        _kill_point("run:after-train")
+    model_dir = Path(outputs.get("train") or outputs["surgery"])
+    if job.eval is not None:
+        from lmexpand.eval.perplexity import TextSet
+        from lmexpand.eval.report import run_eval
+
+        ev, out = job.eval, job.eval_out
+        fp = _digest("eval", ev.model_dump(), upstream)
+        if _done(job, "eval", fp, out / "results.json"):
+            log.info("eval: up to date (%s), skipped", out)
+        else:
+            sets = [TextSet(n, Path(p), ev.text_field, ev.template) for n, p in ev.data.items()]
+            compare = [("expanded", outputs["surgery"])] if "surgery" in outputs and "train" in outputs else []
+            spec = str(Path(outputs["train"]).parent) if "train" in outputs else str(model_dir)
+            run_eval(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
+                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples)
+            _mark(job, "eval", fp, out / "results.json")
+        outputs["eval"] = str(out / "report.md")
+        upstream = _digest(upstream, fp)
+    if job.export is not None:
+        from lmexpand.export import export_model
+        from lmexpand.units import parse_size
+
+        out = job.export_out
+        fp = _digest("export", job.export.model_dump(), upstream)
+        if _done(job, "export", fp, out):
+            log.info("export: up to date (%s), skipped", out)
+        else:
+            export_model(model_dir, out, force=True, eval_dir=job.eval_out if job.eval is not None else None,
+                         max_shard_size=parse_size(job.export.max_shard_size, "export.max_shard_size"))
+            _mark(job, "export", fp, out)
+        outputs["export"] = str(out)
+    return outputs
