@@ -210,7 +210,7 @@ def _run_surgery(method, kw: dict) -> None:
     force, allow_pickle = kw.pop("force"), kw.pop("allow_pickle")
     max_shard_size = parse_size(kw.pop("max_shard_size"), "--max-shard-size")
     if out is None and not dry_run:
-        raise click.UsageError(f"missing argument OUT (the output directory); or use --dry-run")
+        raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
     cfg = parse_config(method, {k: v for k, v in kw.items() if v is not None})
     readers = [open_source(s, allow_pickle=allow_pickle) for s in sources]
     plan = method.plan(readers, cfg)

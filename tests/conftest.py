@@ -39,3 +39,25 @@ def smollm2() -> Path:
     from lmexpand.checkpoint.sources import resolve_source
 
     return resolve_source("smollm2-135m")
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gsm8k_small(tmp_path_factory) -> Path:
+    """The first 400 GSM8K training problems (real text, small enough to be fast)."""
+    path = tmp_path_factory.mktemp("data") / "gsm8k-400.jsonl"
+    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:400]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pro(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama expanded by LLaMA-Pro (+2 blocks), through the CLI."""
+    from lmexpand.cli import main
+
+    out = tmp_path_factory.mktemp("pro") / "pro"
+    assert main(["surgery", "llama-pro", str(tiny_llama), str(out), "--add", "2"]) == 0
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from lmexpand.cli import main
 from lmexpand.eval.report import fmt
-from tests.test_train import SHARED, TEMPLATE, gsm8k_small, tiny_pro, train_args  # noqa: F401
+from tests.conftest import SHARED
+from tests.test_train import TEMPLATE, train_args
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_pro, gsm8k_small, tmp_path_factory) -> Path:  # noqa: F811
+def trained_run(tiny_pro, gsm8k_small, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
     assert main(train_args(tiny_pro, gsm8k_small, run, "--max-steps", 6, "--val-every", 3)) == 0
     return run

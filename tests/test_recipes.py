@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmexpand.cli import main
-from tests.conftest import REPO
-from tests.test_train import SHARED, gsm8k_small, tiny_pro  # noqa: F401
+from tests.conftest import REPO, SHARED
 
 
 def write_recipe(path: Path, source: Path, data: Path, **overrides) -> Path:
@@ -41,7 +40,7 @@ def write_recipe(path: Path, source: Path, data: Path, **overrides) -> Path:
     return path
 
 
-def test_full_recipe_runs_and_skips_completed_stages(tiny_llama, gsm8k_small, tmp_path, capsys):  # noqa: F811
+def test_full_recipe_runs_and_skips_completed_stages(tiny_llama, gsm8k_small, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, gsm8k_small)
     assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out)
@@ -63,7 +62,7 @@ def test_full_recipe_runs_and_skips_completed_stages(tiny_llama, gsm8k_small, tm
     assert "surgery: up to date" in err and "train: up to date" not in err and "eval: up to date" not in err
 
 
-def test_killed_after_surgery_resumes_at_training(tiny_llama, gsm8k_small, tmp_path):  # noqa: F811
+def test_killed_after_surgery_resumes_at_training(tiny_llama, gsm8k_small, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, gsm8k_small)
     env = {**os.environ, "LMEXPAND_NO_PROGRESS": "1"}
     cmd = [sys.executable, "-m", "lmexpand", "run", str(recipe)]
@@ -93,7 +92,7 @@ def test_killed_after_surgery_resumes_at_training(tiny_llama, gsm8k_small, tmp_p
         ({"trian": {}}, ["trian", "unknown key", "train"]),
     ],
 )
-def test_bad_recipes_fail_before_any_work(tiny_llama, gsm8k_small, tmp_path, capsys, overrides, needles):  # noqa: F811
+def test_bad_recipes_fail_before_any_work(tiny_llama, gsm8k_small, tmp_path, capsys, overrides, needles):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, gsm8k_small, **overrides)
     code = main(["run", str(recipe)])
     err = capsys.readouterr().err

@@ -8,31 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from lmexpand.checkpoint import CheckpointReader
 from lmexpand.cli import main
-from tests.conftest import REPO
+from tests.conftest import SHARED
 
-SHARED = REPO.parent / "shared" / "data"
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
-
-
-@pytest.fixture(scope="session")
-def gsm8k_small(tmp_path_factory) -> Path:
-    """The first 400 GSM8K training problems (real text, small enough to be fast)."""
-    path = tmp_path_factory.mktemp("data") / "gsm8k-400.jsonl"
-    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:400]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_pro(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pro") / "pro"
-    assert main(["surgery", "llama-pro", str(tiny_llama), str(out), "--add", "2"]) == 0
-    return out
 
 
 def train_args(model: Path, data: Path, out: Path, *extra) -> list[str]:

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmexpand.checkpoint import CheckpointReader
-from tests.test_train import TEMPLATE, gsm8k_small, tiny_pro  # noqa: F401  (fixtures)
+from tests.test_train import TEMPLATE
 
 
 def _free_port() -> int:
@@ -30,7 +29,7 @@ def _args(model: Path, data: Path, out: Path, batch: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_pro, gsm8k_small, tmp_path):  # noqa: F811
+def test_two_processes_match_one(tiny_pro, gsm8k_small, tmp_path):
     env = {**os.environ, "LMEXPAND_NO_PROGRESS": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     r = subprocess.run([sys.executable, *_args(tiny_pro, gsm8k_small, single, 4)], env=env, capture_output=True, text=True)

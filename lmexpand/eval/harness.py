@@ -19,7 +19,7 @@ from lmexpand.errors import ConfigError
 
 def check_lm_eval() -> None:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  (only checks it is installed)
     except ImportError:
         raise ConfigError(
             "--lm-eval needs lm-evaluation-harness, which is not installed: `pip install lm-eval`, "

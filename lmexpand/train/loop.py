@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lmexpand.errors import ConfigError
 from lmexpand.train.config import TrainConfig
@@ -99,6 +99,7 @@ def _optimizer(cfg: TrainConfig, params: list):
 
 def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False) -> Path:
     """Run training; returns the final model directory (``cfg.out / "model"``)."""
+    import numpy as np
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if accelerator.is_main_process:
-        n_train, n_frozen = print_parameter_table(model)
+        print_parameter_table(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -184,7 +185,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         """This process's share of the next global micro-batch (same blocks for any world size)."""
         rows = [next(blocks) for _ in range(cfg.batch_size * world)]
         mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        return torch.as_tensor(__import__("numpy").stack(mine)).to(accelerator.device)
+        return torch.as_tensor(np.stack(mine)).to(accelerator.device)
 
     def validate() -> float | None:
         """Mean loss over the same validation blocks for any world size (each process takes
@@ -256,7 +257,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         progress.update(record, cfg.log_every)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
             if accelerator.is_main_process:
-                save_checkpoint(cfg.out, state, _unwrapped_trained(trained), optimizer, scheduler, cfg.keep_last)
+                save_checkpoint(cfg.out, state, {n: p.data for n, p in trained.items()}, optimizer, scheduler,
+                                cfg.keep_last)
             accelerator.wait_for_everyone()
         _kill_point(f"train:after-step:{state.step}")
     progress.close()
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # ---- the result: the full model, original tensors streamed from the source ----------
     out_model = cfg.out / "model"
     if accelerator.is_main_process:
-        from lmexpand.train.export_trained import write_trained_model  # noqa: I001
+        from lmexpand.train.export_trained import write_trained_model
 
         write_trained_model(
             reader, accelerator.unwrap_model(loss_model).model, cfg, out_model,
@@ -277,10 +279,6 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): last
     return out_model
-
-
-def _unwrapped_trained(trained: dict) -> dict:
-    return {n: p.data for n, p in trained.items()}
 
 
 def _trainable_hint(cfg: TrainConfig, model_dir: Path, reader) -> set[str]:
