@@ -41,14 +41,19 @@ def smollm2() -> Path:
     return resolve_source("smollm2-135m")
 
 
-SHARED = REPO.parent / "shared" / "data"
+# Real text shipped in the repo (attributed in recipes/data/*/SOURCE.md), so the suite runs
+# from any clone; ../shared is used only by benchmarks and the shipped recipes.
+DATA = REPO / "recipes" / "data"
+GSM8K_TRAIN = DATA / "gsm8k-subset" / "train.jsonl"
+GSM8K_TEST = DATA / "gsm8k-subset" / "test.jsonl"
+GENERAL_TEXT = DATA / "openstax-sample" / "valid.txt"
 
 
 @pytest.fixture(scope="session")
 def gsm8k_small(tmp_path_factory) -> Path:
     """The first 400 GSM8K training problems (real text, small enough to be fast)."""
     path = tmp_path_factory.mktemp("data") / "gsm8k-400.jsonl"
-    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:400]
+    lines = GSM8K_TRAIN.read_text().splitlines()[:400]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from lmexpand.cli import main
 from lmexpand.eval.report import fmt
-from tests.conftest import SHARED
+from tests.conftest import GENERAL_TEXT, GSM8K_TEST
 from tests.test_train import TEMPLATE, train_args
 
 
@@ -23,8 +23,8 @@ def trained_run(tiny_pro, gsm8k_small, tmp_path_factory) -> Path:
 
 
 def eval_args(model, out, *extra):
-    return ["eval", str(model), "--data", f"domain={SHARED / 'gsm8k' / 'test.jsonl'}",
-            "--data", f"general={SHARED / 'general-english' / 'openstax-humanities' / 'valid.txt'}",
+    return ["eval", str(model), "--data", f"domain={GSM8K_TEST}",
+            "--data", f"general={GENERAL_TEXT}",
             "--template", TEMPLATE, "--out", str(out), "--max-tokens", "1024", "--seq-len", "64", *map(str, extra)]
 
 
@@ -86,11 +86,11 @@ def test_eval_and_export_errors(tiny_pro, tmp_path, capsys):
             assert n in err, (n, err)
 
     bad(["eval", str(tiny_pro), "--data", "domain=/nope.txt", "--out", str(tmp_path / "r")], "/nope.txt", "not a file")
-    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+    bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
          "--max-tokens", "100"], "KeyError", "--text-field")
-    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+    bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
          "--compare", "oops"], "--compare 'oops'", "LABEL=MODEL")
-    bad(["eval", str(tiny_pro), "--data", f"x={SHARED / 'gsm8k' / 'test.jsonl'}", "--out", str(tmp_path / "r"),
+    bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
          "--lm-eval", "gsm8k"], "lm-evaluation-harness", "pip install lm-eval")
     existing = tmp_path / "e"
     existing.mkdir()

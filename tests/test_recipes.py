@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmexpand.cli import main
-from tests.conftest import REPO, SHARED
+from tests.conftest import GSM8K_TEST, REPO
 
 
 def write_recipe(path: Path, source: Path, data: Path, **overrides) -> Path:
@@ -21,7 +21,7 @@ def write_recipe(path: Path, source: Path, data: Path, **overrides) -> Path:
         "train": {"data": [{"path": str(data), "template": "Question: {question}\nAnswer: {answer}"}],
                   "seq_len": 32, "batch_size": 2, "max_steps": 6, "warmup_steps": 1, "save_every": 2,
                   "val_every": 3, "tensorboard": False},
-        "eval": {"data": {"math": str(SHARED / "gsm8k" / "test.jsonl")},
+        "eval": {"data": {"math": str(GSM8K_TEST)},
                  "template": "Question: {question}\nAnswer: {answer}", "max_tokens": 256, "seq_len": 32,
                  "samples": False},
         "export": {},

@@ -12,7 +12,7 @@ import torch
 
 from lmexpand.checkpoint import CheckpointReader
 from lmexpand.cli import main
-from tests.conftest import SHARED
+from tests.conftest import GENERAL_TEXT
 
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
@@ -193,8 +193,8 @@ def test_bad_values_name_the_flag(tiny_pro, gsm8k_small, tmp_path, capsys):
 
 
 def test_plain_text_streaming_and_tensorboard(tiny_pro, tmp_path, capsys):
-    corpus = tmp_path / "anatomy.txt"
-    corpus.write_text((SHARED / "biomed-anatomy" / "valid.txt").read_text()[:60_000])
+    corpus = tmp_path / "humanities.txt"
+    corpus.write_text(GENERAL_TEXT.read_text()[:60_000])
     run = tmp_path / "run"
     code = main(["train", "--model", str(tiny_pro), "--data", str(corpus), "--out", str(run), "--seq-len", "32",
                  "--batch-size", "2", "--max-steps", "4", "--warmup-steps", "0", "--streaming", "--val-every", "2"])

@@ -63,8 +63,7 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = 320) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    data_dir = Path(__file__).resolve().parents[2] / "shared" / "data"
-    sample = (data_dir / "general-english" / "novels-1902-1927" / "valid.txt").read_text()[:200_000]
+    sample = (Path(__file__).resolve().parents[1] / "recipes" / "data" / "openstax-sample" / "valid.txt").read_text()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
