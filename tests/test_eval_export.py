@@ -98,3 +98,31 @@ def test_eval_and_export_errors(tiny_pro, tmp_path, capsys):
     bad(["export", str(tiny_pro), str(existing)], "not empty", "--force")
     bad(["export", str(tiny_pro), str(tmp_path / "x"), "--eval", str(tmp_path)], "no results.json")
     assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+
+
+def test_moe_expert_load_on_a_tiny_mixtral(tmp_path, capsys):
+    from transformers import MixtralConfig
+
+    from tests.tiny import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=320, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model_dir = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    save_tiny_tokenizer(model_dir)
+    out = tmp_path / "r"
+    assert main(["eval", str(model_dir), "--data", f"general={GENERAL_TEXT}", "--out", str(out),
+                 "--max-tokens", "512", "--seq-len", "64", "--no-samples"]) == 0, capsys.readouterr().err
+    moe = json.loads((out / "results.json").read_text())["moe"]
+    assert moe["routers"] == 2 and moe["experts"] == 4 and moe["top_k"] == 2
+    for loads in moe["load"].values():
+        assert len(loads) == 4 and abs(sum(loads) - 1.0) < 1e-9
+    assert "MoE expert load" in (out / "report.md").read_text()
+
+
+def test_dense_models_report_no_moe(tiny_pro, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(eval_args(tiny_pro, out, "--no-samples")) == 0
+    assert json.loads((out / "results.json").read_text())["moe"] is None

@@ -35,7 +35,7 @@ def resolve_model(spec: str) -> tuple[Path, Path | None]:
 def parameter_accounting(model_dir: Path) -> dict[str, int]:
     from lmexpand.checkpoint.reader import CheckpointReader
 
-    reader = CheckpointReader(model_dir)
+    reader = CheckpointReader(model_dir, need_family=False)  # any architecture can be scored
     sizes = {t.name: t.numel for t in reader}
     lineage = reader.lineage() or {}
     new = set(lineage.get("new_parameters") or [])
@@ -107,8 +107,9 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         results["samples"] = [{"prompt": p, "model": _generate(loaded["model"], m_tok, p),
                                **({"base": _generate(loaded["base"], m_tok, p)} if "base" in loaded else {})}
                               for p in SAMPLE_PROMPTS]
-    routers = [n for n, _ in loaded["model"].named_modules() if n.endswith(".mlp.gate") or n.endswith("router")]
-    results["moe"] = {"routers": len(routers)} if routers else None
+    from lmexpand.eval.moe import expert_load
+
+    results["moe"] = expert_load(loaded["model"], token_stream(text_sets[0], tokenizer, 2048), seq_len=seq_len)
     if metrics_path is not None:
         results["training_log"] = str(metrics_path)
     write_report(results, out, metrics_path)
@@ -157,7 +158,11 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"max |Δlogit| = {fp['max_abs_dlogit']:.6g}, mean |Δlogit| = {fp['mean_abs_dlogit']:.6g} "
                   "(fixed padded batch of 4 × 48 random tokens)."]
     if r.get("moe"):
-        lines += ["", f"MoE: {r['moe']['routers']} router modules found."]
+        m = r["moe"]
+        lines += ["", "## MoE expert load", "",
+                  f"{m['routers']} routers, {m['experts']} experts, top-{m['top_k']}: expert load ranges from "
+                  f"{m['min_load']:.4f} to {m['max_load']:.4f} (balanced: {m['balanced_load']:.4f}) "
+                  f"on the first 2,048 tokens of the first text set; per layer in results.json."]
     for plot in r.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     if r.get("samples"):
