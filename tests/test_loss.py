@@ -35,3 +35,30 @@ def test_all_ignored_gives_zero_not_nan():
     loss = fused_linear_cross_entropy(h, w, y, 2)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_lean_swiglu_matches_autograd():
+    from lmexpand.train.lean import SiluMul
+
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluMul.apply, (g, u))
+
+
+def test_lean_mlps_keep_loss_and_gradients(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from lmexpand.train.lean import use_lean_mlps
+
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for lean in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        if lean:
+            assert use_lean_mlps(model) == model.config.num_hidden_layers
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])  # same forward values
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

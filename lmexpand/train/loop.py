@@ -143,6 +143,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         for n, p in model.named_parameters():
             if n in names:
                 p.data = p.data.float()
+    if cfg.lean_mlp:
+        from lmexpand.train.lean import use_lean_mlps
+
+        use_lean_mlps(model)
     if cfg.lora is not None:
         model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
