@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmexpand.errors import ConfigError
+from lmexpand.faults import kill_point
 from lmexpand.validation import validate
 
 log = logging.getLogger("lmexpand")
@@ -57,12 +57,17 @@ def load_recipe_section(path: Path, section: str) -> dict[str, Any]:
     for key in _PATH_KEYS:
         if key in values:
             values[key] = _resolve(base, values[key])
+    _resolve_data(base, values)
+    return values
+
+
+def _resolve_data(base: Path, values: dict[str, Any]) -> None:
+    """Data entries' paths, relative to the recipe file."""
     if isinstance(values.get("data"), list):
         values["data"] = [
             {**d, "path": _resolve(base, d["path"])} if isinstance(d, dict) and "path" in d else d
             for d in values["data"]
         ]
-    return values
 
 
 # -- whole-job recipes: `lmexpand run RECIPE.yaml` ------------------------------------------
@@ -164,9 +169,7 @@ def load_job(path: Path) -> Job:
         values.setdefault("out", str(workdir / "train"))
         if values["model"] is None:
             raise ConfigError(f"{path}: train.model: required when the recipe has no surgery section.")
-        if isinstance(values.get("data"), list):
-            values["data"] = [{**d, "path": _resolve(base, d["path"])} if isinstance(d, dict) and "path" in d else d
-                              for d in values["data"]]
+        _resolve_data(base, values)
         job.train = validate(TrainConfig, values, what=f"{path}: train", style="key")
         if produced is None:
             _must_exist(f"{path}: train.model", str(job.train.model))
@@ -215,11 +218,6 @@ def _mark(job: Job, stage: str, fp: str, output: Path, state: str = "done") -> N
     os.replace(tmp, m)
 
 
-def _kill_point(point: str) -> None:
-    if os.environ.get("LMEXPAND_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def run_job(job: Job) -> dict[str, str]:
     """Run the stages in order; a stage whose inputs (fingerprints) did not change since it
     completed is skipped, so a crashed run continues where it stopped."""
@@ -240,7 +238,7 @@ def run_job(job: Job) -> dict[str, str]:
             execute(method.plan([reader], cfg), out, force=True, readers=[reader])
             _mark(job, "surgery", fp, out)
         outputs["surgery"], upstream = str(out), fp
-        _kill_point("run:after-surgery")
+        kill_point("run:after-surgery")
     if job.train is not None:
         from lmexpand.train.data import fingerprint_sources
         from lmexpand.train.loop import train
@@ -263,7 +261,7 @@ def run_job(job: Job) -> dict[str, str]:
             train(cfg, resume=resume, force=not resume)
             _mark(job, "train", fp, final)
         outputs["train"], upstream = str(final), fp
-        _kill_point("run:after-train")
+        kill_point("run:after-train")
     model_dir = Path(outputs.get("train") or outputs["surgery"])
     if job.eval is not None:
         from lmexpand.eval.perplexity import TextSet

@@ -86,10 +86,13 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         "perplexity": {}, "parameters": parameter_accounting(model_dir),
     }
     loaded: dict[str, Any] = {}
-    tokenizer = None
+    tokenizer = None  # the first row's, for the MoE load
+    model_tokenizer = None  # the evaluated model's, for the samples
     for label, path in rows:
         model, tok = _load(path)
         tokenizer = tokenizer or tok
+        if label == "model":
+            model_tokenizer = tok
         loaded[label] = model
         results["perplexity"][label] = {}
         for ts in text_sets:
@@ -103,9 +106,9 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         vocab = min(loaded["model"].config.vocab_size, loaded["base"].config.vocab_size)
         results["function_preservation"] = logit_difference(loaded["model"], loaded["base"], vocab_size=vocab)
     if samples:
-        m_tok = _load(model_dir)[1]
-        results["samples"] = [{"prompt": p, "model": _generate(loaded["model"], m_tok, p),
-                               **({"base": _generate(loaded["base"], m_tok, p)} if "base" in loaded else {})}
+        # the model was loaded once above; its tokenizer serves both rows' prompts
+        results["samples"] = [{"prompt": p, "model": _generate(loaded["model"], model_tokenizer, p),
+                               **({"base": _generate(loaded["base"], model_tokenizer, p)} if "base" in loaded else {})}
                               for p in SAMPLE_PROMPTS]
     from lmexpand.eval.moe import expert_load
 

@@ -15,12 +15,12 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from lmexpand.errors import ConfigError
+from lmexpand.faults import kill_point
 from lmexpand.train.config import TrainConfig
 
 log = logging.getLogger("lmexpand")
@@ -40,13 +40,6 @@ def lr_lambda(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
     return factor
-
-
-def _kill_point(point: str) -> None:
-    """Fault injection for the crash tests: ``LMEXPAND_KILL_AT=point`` SIGKILLs this process
-    there, leaving exactly what an external ``kill -9`` would."""
-    if os.environ.get("LMEXPAND_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | None:
@@ -264,7 +257,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                 save_checkpoint(cfg.out, state, {n: p.data for n, p in trained.items()}, optimizer, scheduler,
                                 cfg.keep_last)
             accelerator.wait_for_everyone()
-        _kill_point(f"train:after-step:{state.step}")
+        kill_point(f"train:after-step:{state.step}")
     progress.close()
     if metrics is not None:
         metrics.close()
