@@ -158,14 +158,18 @@ def _option_for_field(name: str, field) -> click.Option:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
     base = args[0] if is_optional else annotation
-    default = field.default
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(map(str, default)) or None
+    if isinstance(default, dict):
+        default = None
     help_text = (field.description or "") + ("" if default is None else f"  [default: {default}]")
     flag = flag_name(name)
     if base is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
     if typing.get_origin(base) is typing.Literal:
         return click.Option([flag, name], type=click.Choice([str(c) for c in typing.get_args(base)]), default=None, help=help_text)
-    if typing.get_origin(base) is list:
+    if typing.get_origin(base) is list and typing.get_args(base) == (int,):
         def split(ctx, param, value):
             if value is None:
                 return None
@@ -248,8 +252,8 @@ def _print_plan(s: dict) -> None:
         ("sources", ", ".join(s["sources"])),
         ("layers", s["num_layers"]),
         ("parameters", f"{s['parameters_total']:,} total ({human_count(s['parameters_total'])}), "
-                       f"{s['parameters_new']:,} new ({human_count(s['parameters_new'])})"),
-        ("tensors", f"{s['tensors_total']} total, {s['tensors_new']} new"),
+                       f"{s['parameters_new']:,} to train ({human_count(s['parameters_new'])})"),
+        ("tensors", f"{s['tensors_total']} total, {s['tensors_new']} to train"),
         ("bytes to write", f"{s['bytes_to_write']:,} ({human_bytes(s['bytes_to_write'])})"),
         ("function-preserving", "yes (exact at init)" if s["function_preserving"] else "no"),
         ("training memory", f"{human_bytes(mem['total'])} = new weights {human_bytes(mem['new_weights'])} "

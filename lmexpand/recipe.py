@@ -151,8 +151,13 @@ def load_job(path: Path) -> Job:
         if s.method not in methods:
             raise ConfigError(f"{path}: surgery.method: unknown method {s.method!r}; available: {', '.join(sorted(methods))}.")
         method = get_method(s.method)
+        args = dict(s.args)
+        if isinstance(args.get("models"), dict):  # more models (upscale): paths relative to the recipe
+            args["models"] = {k: _resolve(base, v) for k, v in args["models"].items()}
+            for k, v in args["models"].items():
+                _must_exist(f"{path}: surgery.args.models.{k}", v)
         try:
-            cfg = parse_config(method, s.args, style="key")
+            cfg = parse_config(method, args, style="key")
         except ConfigError as e:
             raise ConfigError(f"{path}: surgery.args: {str(e).split(': ', 1)[1]}") from None
         source = _resolve(base, s.source)
@@ -229,13 +234,15 @@ def run_job(job: Job) -> dict[str, str]:
     if job.surgery is not None:
         method, cfg, source, out = job.surgery
         reader = open_source(source)
-        fp = _digest("surgery", method.name, cfg.model_dump(), reader.fingerprint()["sha256"])
+        plan = method.plan([reader], cfg)  # headers only: cheap, and it names every source read
+        fp = _digest("surgery", method.name, cfg.model_dump(mode="json"),
+                     [r.fingerprint()["sha256"] for r in (plan.readers or [reader])])
         if _done(job, "surgery", fp, out):
             log.info("surgery: up to date (%s), skipped", out)
         else:
             from lmexpand.expand.executor import execute
 
-            execute(method.plan([reader], cfg), out, force=True, readers=[reader])
+            execute(plan, out, force=True, readers=[reader])
             _mark(job, "surgery", fp, out)
         outputs["surgery"], upstream = str(out), fp
         kill_point("run:after-surgery")

@@ -67,6 +67,8 @@ def execute(
 ) -> Path:
     """Stream ``plan`` into a new model directory ``out`` (atomically)."""
     plan.validate()
+    if plan.readers is not None:
+        readers = plan.readers
     readers = list(readers) if readers is not None else [CheckpointReader(p, allow_pickle=allow_pickle) for p in plan.sources]
 
     def get(model: int, name: str) -> "torch.Tensor":

@@ -218,6 +218,9 @@ class Plan:
     layer_map: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra_lineage: dict[str, Any] = field(default_factory=dict)
+    # Readers the plan function opened itself (for sources beyond the method's arguments,
+    # e.g. more models named in a config); the executor uses them instead of reopening.
+    readers: list[Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_bytes(self) -> int:
