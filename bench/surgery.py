@@ -1,19 +1,22 @@
 """Benchmark: lmexpand surgery vs `cp -r`, the naive transformers script, and mergekit.
 
-    .venv/bin/python bench/surgery.py llama-pro [--sizes 1.1b,2.8b] [--repeat 3] [--no-cold]
+    .venv/bin/python bench/surgery.py llama-pro|upscale [--sizes 1.1b,2.8b] [--repeat 3] [--no-cold]
 
-LLaMA-Pro adding ~25 % blocks to synthetic bf16 Llama checkpoints (bench/_common.py): one
+llama-pro: adding ~25 % blocks to synthetic bf16 Llama checkpoints (bench/_common.py): one
 identity copy after every 4th block (positions 3, 7, 11, ...), the layer list mergekit's
-users write as passthrough slices with scale 0 on o_proj/down_proj. Every tool runs as its
+users write as passthrough slices with scale 0 on o_proj/down_proj.
+upscale: SOLAR's depth up-scaling with the slices of ../shared/notes/peer-baselines.md:
+1.1B (22 layers) [0, 16) + [6, 22) = 32 layers (`--drop 6`); 2.8B (26) [0, 20) + [6, 26).
+Every tool runs as its
 own process (imports included, as a user runs it) under GNU time for its peak RSS, then the
 output is synced. Runs are interleaved (cp, lmexpand, naive, mergekit, cp, ...), best of
 --repeat, with a warm page cache and, unless --no-cold, a dropped one (root only).
 
 Baselines:
   (a) `cp -r` of a checkpoint of the output's size (lmexpand's own output);
-  (b) the naive way of the official LLaMA-Pro script and LLaMA-Factory's llama_pro.py: load
-      the whole model with transformers, insert zeroed copies, save_pretrained
-      (bench/peers/naive_llama_pro.py);
+  (b) llama-pro only: the naive way of the official LLaMA-Pro script and LLaMA-Factory's
+      llama_pro.py: load the whole model with transformers, insert zeroed copies,
+      save_pretrained (bench/peers/naive_llama_pro.py);
   (c) mergekit 0.1.5 passthrough (`mergekit-yaml`), from its own venv in bench/.peers/mergekit
       (create it with bench/peers/install_mergekit.sh; skipped with a message if absent).
 Also checks that lmexpand's tensors equal mergekit's where both define them.
@@ -64,25 +67,46 @@ def compare_with_mergekit(ours: Path, theirs: Path) -> str:
             f"(mergekit writes 0*x, so -0.0 where x<0); {only} tensors only on one side")
 
 
-def run_size(size: str, repeat: int, cold: bool) -> dict:
+def upscale_config(src: Path, num_layers: int, drop: int) -> str:
+    return ("merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+            f"  - sources: [{{model: {src}, layer_range: [0, {num_layers - drop}]}}]\n"
+            f"  - sources: [{{model: {src}, layer_range: [{drop}, {num_layers}]}}]\n")
+
+
+# the number of layers dropped at the seam, as in ../shared/notes/peer-baselines.md
+UPSCALE_DROP = {22: 6, 26: 6}
+
+
+def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
     src = synthetic_checkpoint(size)
     cfg = json.loads((src / "config.json").read_text())
     num_layers = cfg["num_hidden_layers"]
-    positions = list(range(3, num_layers, 4))
-    pos = ",".join(map(str, positions))
     work = CACHE / "surgery-out"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ours, ref = work / "lmexpand", work / "cp-ref"
-
-    cmds = {
-        "lmexpand": [PY, "-m", "lmexpand", "-q", "surgery", "llama-pro", str(src), str(ours), "--positions", pos],
-        "naive": [PY, str(ROOT / "bench" / "peers" / "naive_llama_pro.py"), str(src), str(work / "naive"), pos],
-    }
+    lmexpand = [PY, "-m", "lmexpand", "-q", "surgery", method, str(src), str(ours)]
+    mergekit_flags: list[str] = []
+    if method == "llama-pro":
+        positions = list(range(3, num_layers, 4))
+        pos = ",".join(map(str, positions))
+        cmds = {
+            "lmexpand": lmexpand + ["--positions", pos],
+            "naive": [PY, str(ROOT / "bench" / "peers" / "naive_llama_pro.py"), str(src), str(work / "naive"), pos],
+        }
+        yml_text = mergekit_config(src, positions, num_layers)
+        out_layers = num_layers + len(positions)
+    else:
+        drop = UPSCALE_DROP.get(num_layers, num_layers // 4)
+        cmds = {"lmexpand": lmexpand + ["--drop", str(drop)]}
+        yml_text = upscale_config(src, num_layers, drop)
+        mergekit_flags = ["--clone-tensors"]  # reused layers share storage otherwise
+        out_layers = 2 * (num_layers - drop)
     if MERGEKIT.exists():
         yml = work / "mergekit.yml"
-        yml.write_text(mergekit_config(src, positions, num_layers))
-        cmds["mergekit"] = [str(MERGEKIT), str(yml), str(work / "mergekit"), "--out-shard-size", "1B", "--no-copy-tokenizer"]
+        yml.write_text(yml_text)
+        cmds["mergekit"] = [str(MERGEKIT), str(yml), str(work / "mergekit"), "--out-shard-size", "1B",
+                            "--no-copy-tokenizer", *mergekit_flags]
     else:
         print("mergekit not installed: run bench/peers/install_mergekit.sh (own venv under bench/.peers/)")
 
@@ -111,7 +135,7 @@ def run_size(size: str, repeat: int, cold: bool) -> dict:
     out_bytes = sum(p.stat().st_size for p in ours.iterdir())
     largest = max(t.nbytes for t in __import__("lmexpand.checkpoint", fromlist=["x"]).CheckpointReader(src))
     shutil.rmtree(work, ignore_errors=True)
-    return {"size": size, "layers": f"{num_layers} -> {num_layers + len(positions)}", "out_gb": out_bytes / 1e9,
+    return {"method": method, "size": size, "layers": f"{num_layers} -> {out_layers}", "out_gb": out_bytes / 1e9,
             "largest_mib": largest / 2**20, "results": results, "mergekit_check": check}
 
 
@@ -126,7 +150,7 @@ def subprocess_warm(*dirs: Path) -> None:
 
 def report(r: dict) -> None:
     budget = 2 * r["largest_mib"] + 400
-    print(f"\n== llama-pro on synthetic {r['size']} bf16 ({r['layers']} layers, output {r['out_gb']:.2f} GB) ==")
+    print(f"\n== {r['method']} on synthetic {r['size']} bf16 ({r['layers']} layers, output {r['out_gb']:.2f} GB) ==")
     for mode, runs in r["results"].items():
         best = {k: min(t for t, _ in v) for k, v in runs.items()}
         peak = {k: max(m for _, m in v) for k, v in runs.items()}
@@ -138,22 +162,23 @@ def report(r: dict) -> None:
         print(f"  target: lmexpand <= 1.3x cp: {best['lmexpand'] / best['cp']:.2f}x "
               f"{'OK' if best['lmexpand'] <= 1.3 * best['cp'] else 'MISSED'}; "
               f"peak RSS <= 2x largest + 400 MiB = {budget:.0f} MiB: {'OK' if peak['lmexpand'] <= budget else 'OVER'}")
+        target = {"llama-pro": 2.5, "upscale": 2.0}[r["method"]]
         for k in ("naive", "mergekit"):
             if k in best:
-                print(f"  target: >= 2.5x faster than {k}: {best[k] / best['lmexpand']:.2f}x "
-                      f"{'OK' if best[k] >= 2.5 * best['lmexpand'] else 'MISSED'}")
+                print(f"  target: >= {target}x faster than {k}: {best[k] / best['lmexpand']:.2f}x "
+                      f"{'OK' if best[k] >= target * best['lmexpand'] else 'MISSED'}")
     print(f"  equality with mergekit: {r['mergekit_check']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="surgery benchmark")
-    ap.add_argument("method", choices=["llama-pro"])
+    ap.add_argument("method", choices=["llama-pro", "upscale"])
     ap.add_argument("--sizes", default="1.1b")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-cold", action="store_true")
     args = ap.parse_args()
     for size in args.sizes.split(","):
-        report(run_size(size, args.repeat, not args.no_cold))
+        report(run_size(args.method, size, args.repeat, not args.no_cold))
 
 
 if __name__ == "__main__":

@@ -231,6 +231,11 @@ def _run_surgery(method, kw: dict) -> None:
     log.info("wrote %s: %d layers, %s parameters (%s new)%s", path, summary["num_layers"] or 0,
              f"{summary['parameters_total']:,}", f"{summary['parameters_new']:,}",
              ", function-preserving at init" if plan.function_preserving else "")
+    if plan.check_delta:
+        from lmexpand.expand.executor import logit_delta
+
+        summary["max_abs_logit_delta"] = delta = logit_delta(plan.sources[0], path)
+        log.info("not exact at init: max |dlogit| vs the source = %.3g (fp32, fixed batch of 2x32 tokens)", delta)
     if as_json:
         click.echo(json.dumps({"output": str(path), **summary}, indent=2))
 

@@ -117,6 +117,10 @@ register_family(
 )
 
 
+# config keys that only mixture-of-experts models set
+MOE_CONFIG_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts", "num_experts_per_tok")
+
+
 def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Family:
     """The family of a model config, or a clear error listing the supported ones."""
     model_type = config.get("model_type")
@@ -125,6 +129,13 @@ def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Fami
             return family
     supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
     archs = config.get("architectures") or []
+    moe_keys = [k for k in MOE_CONFIG_KEYS if config.get(k)]
+    if moe_keys:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {model_type!r} is already a mixture-of-experts model ({moe_keys[0]}="
+            f"{config[moe_keys[0]]}); lmexpand's surgeries start from dense models "
+            f"({supported})."
+        )
     raise UnsupportedArchitectureError(
         f"{where}: model_type {model_type!r} (architectures {archs}) is not supported. "
         f"Supported model types: {supported}. "

@@ -131,4 +131,20 @@ def apply_to_model(plan: Plan, models: Sequence[Any]) -> Any:
     return model.eval()
 
 
-__all__ = ["execute", "apply_to_model", "apply_to_state_dicts", "compute_tensor", "lineage_record", "st_dtype_of"]
+def logit_delta(source: str | Path, expanded: str | Path) -> float:
+    """max |logit difference| between two model directories on a fixed padded batch (fp32):
+    how far a surgery moved the function."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(expanded, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(a.config.vocab_size, b.config.vocab_size), (2, 32), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        return (a(input_ids=ids, attention_mask=mask).logits - b(input_ids=ids, attention_mask=mask).logits).abs().max().item()
+
+
+__all__ = ["logit_delta", "execute", "apply_to_model", "apply_to_state_dicts", "compute_tensor", "lineage_record", "st_dtype_of"]

@@ -177,7 +177,25 @@ class NewInit:
         return f"new N({self.mean:g}, {self.std:g}) seed {self.seed}" if self.std else f"constant {self.mean:g}"
 
 
-Op = Union[Read, Zeros, Slice, Concat, Stack, Scale, Noise, NewInit]
+@dataclass(frozen=True)
+class Const:
+    """Values the plan function computed itself (e.g. a router initialized from the base
+    model's hidden states); ``what`` says where they came from."""
+
+    values: Any = field(compare=False, repr=False)  # a torch.Tensor
+    what: str = "computed"
+
+    def compute(self, get: TensorGetter, shape: tuple[int, ...], dtype: str) -> "torch.Tensor":
+        return self.values.to(_torch_dtype(dtype))
+
+    def reads(self) -> list[tuple[int, str]]:
+        return []
+
+    def describe(self) -> str:
+        return self.what
+
+
+Op = Union[Read, Zeros, Slice, Concat, Stack, Scale, Noise, NewInit, Const]
 
 
 def _torch_dtype(st_dtype: str) -> "torch.dtype":
@@ -218,6 +236,8 @@ class Plan:
     layer_map: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra_lineage: dict[str, Any] = field(default_factory=dict)
+    # options that break exactness: the CLI measures max |dlogit| vs the source after writing
+    check_delta: bool = False
     # Readers the plan function opened itself (for sources beyond the method's arguments,
     # e.g. more models named in a config); the executor uses them instead of reopening.
     readers: list[Any] | None = field(default=None, repr=False, compare=False)

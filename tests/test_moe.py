@@ -1,0 +1,172 @@
+"""MoE upcycling: exact at init in stock classes, trainable set, errors."""
+
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmexpand.checkpoint import CheckpointReader
+from lmexpand.cli import main
+from tests.test_llama_pro import max_abs_diff
+
+TOL = 1e-5  # fp32 rounding: the dense model's own fp32-vs-fp64 error is of this order
+
+
+def moe(capsys, *args) -> tuple[int, str, str]:
+    code = main(["surgery", "moe", *[str(a) for a in args]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+EXPECTED_CLASS = {"llama": "MixtralForCausalLM", "llama-tied": "MixtralForCausalLM", "mistral": "MixtralForCausalLM",
+                  "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
+
+
+def test_copies_exact_every_family(tiny_model, tmp_path, capsys):
+    out = tmp_path / "mix"
+    code, _, err = moe(capsys, tiny_model, out, "--experts", 4, "--top-k", 2)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [EXPECTED_CLASS[tiny_model.name]]
+    delta, ga, gb = max_abs_diff(tiny_model, out)
+    print(f"{tiny_model.name} -> {cfg['architectures'][0]} E=4 top-2: max |dlogit| fp32 = {delta:.3g}")
+    assert delta <= TOL and torch.equal(ga, gb)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == EXPECTED_CLASS[tiny_model.name]  # stock class, no remote code
+
+
+def test_fine_grained_exact_every_family(tiny_model, tmp_path, capsys):
+    out = tmp_path / "fg"
+    code, _, err = moe(capsys, tiny_model, out, "--segments", 4, "--shared", 1, "--replicas", 3)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Glm4MoeForCausalLM"]
+    assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (9, 3, 32)
+    delta, ga, gb = max_abs_diff(tiny_model, out)
+    print(f"{tiny_model.name} -> Glm4Moe M=4 S=1 R=3: max |dlogit| fp32 = {delta:.3g}")
+    assert delta <= TOL and torch.equal(ga, gb)
+    lineage = json.loads((out / "lmexpand.json").read_text())
+    assert lineage["function_preserving"] is True
+    names = {t.name for t in CheckpointReader(out, need_family=False)}
+    new = set(lineage["new_parameters"])
+    assert new == {n for n in names if ".mlp." in n and not n.endswith("e_score_correction_bias")}
+
+
+def test_tensors_are_the_dense_ffn(tiny_llama, tmp_path, capsys):
+    """Experts are bitwise copies (copies style) or bitwise slices (fine-grained) of the FFN."""
+    src = CheckpointReader(tiny_llama)
+    mix, fg = tmp_path / "mix", tmp_path / "fg"
+    assert moe(capsys, tiny_llama, mix, "--experts", 3)[0] == 0
+    assert moe(capsys, tiny_llama, fg, "--segments", 4, "--shared", 2, "--replicas", 2)[0] == 0
+    m, f = CheckpointReader(mix, need_family=False), CheckpointReader(fg, need_family=False)
+    for layer in range(4):
+        w = {n: src.get_tensor(f"model.layers.{layer}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")}
+        p = f"model.layers.{layer}.block_sparse_moe."
+        for e in range(3):
+            for mix_name, dense in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+                assert torch.equal(m.get_tensor(f"{p}experts.{e}.{mix_name}.weight"), w[dense])
+        assert torch.count_nonzero(m.get_tensor(p + "gate.weight")) == 0
+        p = f"model.layers.{layer}.mlp."
+        assert torch.equal(f.get_tensor(p + "shared_experts.gate_proj.weight"), w["gate"][:64])
+        assert torch.equal(f.get_tensor(p + "shared_experts.down_proj.weight"), w["down"][:, :64])
+        for e in range(4):  # segment 2 + e // 2, replica e % 2
+            j = 2 + e // 2
+            assert torch.equal(f.get_tensor(f"{p}experts.{e}.up_proj.weight"), w["up"][32 * j:32 * (j + 1)])
+            assert torch.equal(f.get_tensor(f"{p}experts.{e}.down_proj.weight"), w["down"][:, 32 * j:32 * (j + 1)])
+        bias = f.get_tensor(p + "gate.e_score_correction_bias")
+        assert bias.dtype == torch.float32 and bias.tolist() == pytest.approx([1e-3, 0, 1e-3, 0])
+
+
+@pytest.mark.parametrize("args", [
+    ["--experts", "4", "--layers", "every:2"],              # -> Qwen2MoE with dense layers 0, 2
+    ["--experts", "3", "--top-k", "3", "--layers", "1,2"],
+    ["--experts", "4", "--router-init", "random"],
+    ["--experts", "4", "--router-init", "hidden"],
+    ["--segments", "2", "--shared", "1", "--replicas", "4", "--layers", "2,3"],  # first_k_dense_replace=2
+    ["--segments", "8", "--shared", "3", "--replicas", "1", "--layers", "every:1"],
+])
+def test_variants_exact(tiny_llama, tmp_path, capsys, args):
+    out = tmp_path / "o"
+    code, _, err = moe(capsys, tiny_llama, out, *args)
+    assert code == 0, err
+    delta, ga, gb = max_abs_diff(tiny_llama, out)
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"{' '.join(args)} -> {cfg['architectures'][0]}: max |dlogit| = {delta:.3g}")
+    assert delta <= TOL and torch.equal(ga, gb)
+    if "every:2" in args:
+        assert cfg["architectures"] == ["Qwen2MoeForCausalLM"] and cfg["mlp_only_layers"] == [0, 2]
+    if "2,3" in args:
+        assert cfg["first_k_dense_replace"] == 2
+    if "random" in args or "hidden" in args:
+        router = CheckpointReader(out, need_family=False).get_tensor("model.layers.0.block_sparse_moe.gate.weight")
+        assert torch.count_nonzero(router) == router.numel()
+
+
+def test_inexact_options_print_the_delta(tiny_llama, tmp_path, capsys):
+    code, _, err = moe(capsys, tiny_llama, tmp_path / "n", "--experts", 4, "--noise", "0.01")
+    assert code == 0, err
+    assert "not exact at init: max |dlogit| vs the source = " in err
+    delta = float(err.split("vs the source = ")[1].split()[0])
+    assert delta > TOL and delta == pytest.approx(max_abs_diff(tiny_llama, tmp_path / "n")[0], rel=0.5)
+    code, _, err = moe(capsys, tiny_llama, tmp_path / "k", "--segments", 4, "--replicas", 2, "--top-k", 2)
+    assert code == 0 and "not exact at init" in err
+    assert json.loads((tmp_path / "k" / "lmexpand.json").read_text())["function_preserving"] is False
+
+
+def test_bf16_source(tmp_path, capsys):
+    from tests.tiny import build_tiny_model
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", tmp_path / "l"), dtype=torch.bfloat16).save_pretrained(src)
+    assert moe(capsys, src, tmp_path / "fg", "--segments", 4)[0] == 0
+    dtypes = {t.name: t.dtype for t in CheckpointReader(tmp_path / "fg", need_family=False)}
+    assert dtypes["model.layers.0.mlp.gate.e_score_correction_bias"] == "F32"
+    assert dtypes["model.layers.0.mlp.experts.0.up_proj.weight"] == "BF16"
+
+
+# -- errors: exit 2, the message names the problem, nothing written ---------------------------
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        ([], ["exactly one of --experts E", "--segments M"]),
+        (["--experts", "4", "--segments", "4"], ["exactly one of"]),
+        (["--experts", "2", "--top-k", "3"], ["--experts 2 is below --top-k 3"]),
+        (["--experts", "1"], ["--experts", "greater than or equal to 2"]),
+        (["--segments", "5"], ["--segments 5 does not divide the intermediate size 128", "2, 4, 8, 16, 32, 64, 128"]),
+        (["--segments", "4", "--shared", "4"], ["--shared 4 must be below --segments 4"]),
+        (["--segments", "4", "--shared", "5"], ["--shared 5 must be below"]),
+        (["--segments", "4", "--top-k", "9"], ["--top-k 9 is above the 6 routed experts"]),
+        (["--experts", "4", "--layers", "1,7"], ["--layers: layer 7 is out of range", "0..3"]),
+        (["--experts", "4", "--layers", "one"], ["--layers", "'all', 'every:N'"]),
+        (["--segments", "4", "--layers", "0,1"], ["Glm4MoeForCausalLM keeps only the first layers dense", "suffix"]),
+        (["--segments", "4", "--router-init", "random"], ["fine-grained routers start at zero"]),
+        (["--experts", "4", "--trainable", "nothing*"], ["'nothing*' matches no output tensor"]),
+    ],
+)
+def test_bad_arguments(tiny_llama, tmp_path, capsys, args, needles):
+    out = tmp_path / "o"
+    code, _, err = moe(capsys, tiny_llama, out, *args)
+    assert code == 2 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_source_already_moe(tiny_llama, tmp_path, capsys):
+    assert moe(capsys, tiny_llama, tmp_path / "mix", "--experts", 4)[0] == 0
+    code, _, err = moe(capsys, tmp_path / "mix", tmp_path / "again", "--experts", 2)
+    assert code == 2 and "already a mixture-of-experts model" in err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--experts", "4", "--top-k", "2"], ["--segments", "8", "--shared", "2", "--replicas", "2"]])
+def test_smollm2_exact(smollm2, tmp_path, capsys, args):
+    out = tmp_path / "moe"
+    code, _, err = moe(capsys, smollm2, out, *args)
+    assert code == 0, err
+    delta, ga, gb = max_abs_diff(smollm2, out)
+    print(f"SmolLM2 {' '.join(args)}: max |dlogit| fp32 = {delta:.3g}")
+    assert delta <= TOL and torch.equal(ga, gb)
