@@ -170,3 +170,79 @@ def test_smollm2_exact(smollm2, tmp_path, capsys, args):
     delta, ga, gb = max_abs_diff(smollm2, out)
     print(f"SmolLM2 {' '.join(args)}: max |dlogit| fp32 = {delta:.3g}")
     assert delta <= TOL and torch.equal(ga, gb)
+
+
+# -- training: balancing, gradients, written back per expert ---------------------------------
+def test_balance_and_z_loss_match_hand_computation():
+    from lmexpand.train.moe import balance_loss, z_loss
+
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 2.0, 1.0], [-1.0, 0.0, 3.0]])
+    idx = torch.tensor([[0, 1], [0, 1], [1, 2], [2, 1]])
+    # by hand: f = choices per expert / (T*k) = [2, 4, 2] / 8; P = mean softmax rows
+    import math
+
+    def softmax(row):
+        e = [math.exp(x) for x in row]
+        return [x / sum(e) for x in e]
+
+    rows = [softmax(r) for r in logits.tolist()]
+    P = [sum(r[e] for r in rows) / 4 for e in range(3)]
+    f = [2 / 8, 4 / 8, 2 / 8]
+    expected = 3 * sum(fe * pe for fe, pe in zip(f, P))
+    assert balance_loss(logits, idx, sigmoid=False).item() == pytest.approx(expected, rel=1e-6)
+    sig = [[1 / (1 + math.exp(-x)) for x in r] for r in logits.tolist()]
+    Ps = [sum(r[e] / sum(r) for r in sig) / 4 for e in range(3)]
+    assert balance_loss(logits, idx, sigmoid=True).item() == pytest.approx(3 * sum(a * b for a, b in zip(f, Ps)), rel=1e-6)
+    z = sum(math.log(sum(math.exp(x) for x in r)) ** 2 for r in logits.tolist()) / 4
+    assert z_loss(logits).item() == pytest.approx(z, rel=1e-6)
+    # balanced choices and uniform probabilities give exactly 1
+    assert balance_loss(torch.zeros(6, 3), torch.tensor([[0], [1], [2], [0], [1], [2]]), sigmoid=False).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args", [["--experts", "4"], ["--segments", "4", "--shared", "1", "--replicas", "2"]])
+def test_gradients_reach_routers(tiny_llama, tmp_path, capsys, args):
+    from lmexpand.train.moe import RouterMonitor
+
+    assert moe(capsys, tiny_llama, tmp_path / "m", *args)[0] == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").train()
+    monitor = RouterMonitor(model, balance_coef=0.01, z_coef=0.001, bias_rate=0.0)
+    assert len(monitor.routers) == 4
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    aux = monitor.aux_loss()
+    assert aux.item() > 0
+    (out.loss + aux).backward()
+    for name, router in monitor.routers:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0, name
+
+
+def _train(model_dir, data, run, steps=8, *extra) -> int:
+    return main(["train", "--model", str(model_dir), "--data", str(data), "--template",
+                 "Question: {question}\nAnswer: {answer}", "--seq-len", "48", "--batch-size", "4",
+                 "--max-steps", str(steps), "--warmup-steps", "0", "--lr", "3e-3", "--out", str(run),
+                 "--val-every", "0", *map(str, extra)])
+
+
+@pytest.mark.parametrize("args", [["--experts", "4"], ["--segments", "4", "--shared", "1", "--replicas", "2"]])
+def test_training_an_upcycled_model(tiny_llama, gsm8k_small, tmp_path, capsys, args):
+    expanded = tmp_path / "m"
+    assert moe(capsys, tiny_llama, expanded, *args)[0] == 0
+    run = tmp_path / "run"
+    assert _train(expanded, gsm8k_small, run, 8, "--moe-bias-rate", "0.01") == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert all("moe_max_mean_load" in r and r["aux_loss"] > 0 for r in records if "loss" in r)
+    before, after = CheckpointReader(expanded, need_family=False), CheckpointReader(run / "model", need_family=False)
+    new = set(json.loads((expanded / "lmexpand.json").read_text())["new_parameters"])
+    changed = {t.name for t in before if not torch.equal(before.get_tensor(t.name), after.get_tensor(t.name))}
+    assert changed - new <= {n for n in before.tensors if n.endswith("e_score_correction_bias")}  # frozen: bitwise same
+    assert {n for n in new if n.endswith("gate.weight")} <= changed  # every router trained
+    assert any(".experts.0." in n for n in changed)  # fused expert parameters written back per expert
+    if "--segments" in args:
+        # bias balancing moved load onto replicas that started unselected
+        assert records[-1]["moe_other_replica_share"] > 0
+        assert any(n.endswith("e_score_correction_bias") for n in changed)
+    # the written model is the trained one: stock class loads it, per-expert tensors included
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.architectures == json.loads((expanded / "config.json").read_text())["architectures"]

@@ -74,6 +74,12 @@ class TrainConfig(_Strict):
     streaming: bool = Field(False, description="stream the corpus instead of loading it (larger than RAM)")
     loss_chunk: int = Field(256, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
     tensorboard: bool = True
+    moe_balance_coef: float = Field(0.01, ge=0, description="MoE models: weight of the expert load-balancing loss")
+    moe_z_coef: float = Field(0.001, ge=0, description="MoE models: weight of the router z-loss")
+    moe_bias_rate: float = Field(
+        0.001, ge=0, description="MoE models with a correction bias (Glm4-MoE): aux-loss-free balancing step "
+        "(DeepSeek-V3); 0 keeps the bias fixed",
+    )
 
     @field_validator("trainable")
     @classmethod

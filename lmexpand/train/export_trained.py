@@ -29,9 +29,17 @@ def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[
     def as_source_dtype(name: str, value: "torch.Tensor") -> "torch.Tensor":
         return value.detach().to("cpu", getattr(torch, torch_dtype_name(reader.info(name).dtype))).contiguous()
 
-    for name, p in base.named_parameters():
-        if p.requires_grad and name in reader.tensors:
-            changed[name] = lambda name=name, p=p: as_source_dtype(name, p)
+    from lmexpand.train.moe import param_name, piece_of
+
+    params = dict(base.named_parameters())
+    buffers = {n: b for n, b in base.named_buffers() if n.endswith("e_score_correction_bias")}  # MoE balancing
+    for saved in reader.tensors:
+        pname, piece = param_name(saved)
+        p = params.get(pname)
+        if p is not None and p.requires_grad:
+            changed[saved] = lambda saved=saved, p=p, piece=piece: as_source_dtype(saved, piece_of(p, piece))
+        elif saved in buffers:
+            changed[saved] = lambda saved=saved: as_source_dtype(saved, buffers[saved])
     for module_name, module in base.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if lora_a is not None and len(lora_a) and hasattr(module, "get_delta_weight"):

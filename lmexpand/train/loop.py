@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
 
     # ---- setup: everything that can fail on bad input fails here, before any write ----
     model_dir = resolve_source(cfg.model)
-    reader = CheckpointReader(model_dir)
+    reader = CheckpointReader(model_dir, need_family=False)  # any architecture the lineage names
     max_pos = reader.config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
@@ -149,6 +149,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         print_parameter_table(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    monitor = _router_monitor(model, model_dir, cfg)
+    # state that training changes besides parameters: MoE correction biases (balancing)
+    buffers = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")} if monitor else {}
 
     optimizer = _optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -159,7 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
 
     state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data))
     if resume_from is not None:
-        state = load_checkpoint(resume_from, state, trained, optimizer, scheduler)
+        state = load_checkpoint(resume_from, state, {**trained, **buffers}, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     # every check passed: only now touch the run directory
@@ -219,6 +222,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             ids = micro_batch()
             with accelerator.accumulate(loss_model):
                 loss, aux = loss_model(ids)
+                if monitor:
+                    aux = aux + monitor.aux_loss().to(loss.device)
                 accelerator.backward(loss + aux)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -242,6 +247,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             record["grad_norm"] = float(grad_norm)
         if aux_total.item():
             record["aux_loss"] = accelerator.reduce(aux_total, reduction="mean").item()
+        if monitor:
+            record.update(monitor.after_step(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()))
         if (cfg.val_every and state.step % cfg.val_every == 0) or state.step == cfg.max_steps:
             last_val = validate()
             if last_val is not None:
@@ -250,12 +257,13 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if cfg.tensorboard:
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                            step=state.step)
         progress.update(record, cfg.log_every)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
             if accelerator.is_main_process:
-                save_checkpoint(cfg.out, state, {n: p.data for n, p in trained.items()}, optimizer, scheduler,
-                                cfg.keep_last)
+                save_checkpoint(cfg.out, state, {**{n: p.data for n, p in trained.items()}, **buffers}, optimizer,
+                                scheduler, cfg.keep_last)
             accelerator.wait_for_everyone()
         kill_point(f"train:after-step:{state.step}")
     progress.close()
@@ -276,6 +284,20 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): last
     return out_model
+
+
+def _router_monitor(model, model_dir: Path, cfg: TrainConfig):
+    """Router balancing for MoE models (none for dense ones)."""
+    from lmexpand.train.freeze import read_lineage
+    from lmexpand.train.moe import RouterMonitor
+
+    moe = (read_lineage(model_dir) or {}).get("moe") or {}
+    monitor = RouterMonitor(model, balance_coef=cfg.moe_balance_coef, z_coef=cfg.moe_z_coef,
+                            bias_rate=cfg.moe_bias_rate, replicas=moe.get("replicas"))
+    if monitor:
+        log.info("MoE: %d routers; balance loss x%g, z-loss x%g, correction-bias rate %g", len(monitor.routers),
+                 cfg.moe_balance_coef, cfg.moe_z_coef, cfg.moe_bias_rate)
+    return monitor if monitor else None
 
 
 def _trainable_hint(cfg: TrainConfig, model_dir: Path, reader) -> set[str]:
