@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
