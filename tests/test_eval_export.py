@@ -120,6 +120,7 @@ def test_moe_expert_load_on_a_tiny_mixtral(tmp_path, capsys):
     for loads in moe["load"].values():
         assert len(loads) == 4 and abs(sum(loads) - 1.0) < 1e-9
     assert "MoE expert load" in (out / "report.md").read_text()
+    assert (out / "expert_load.png").stat().st_size > 5000 and "expert_load.png" in (out / "report.md").read_text()
 
 
 def test_dense_models_report_no_moe(tiny_pro, tmp_path, capsys):

@@ -13,8 +13,9 @@ from typing import Any
 
 
 def router_modules(model: Any) -> list[tuple[str, Any]]:
-    return [(n, m) for n, m in model.named_modules()
-            if n.endswith(".mlp.gate") or type(m).__name__.lower().endswith("router")]
+    from lmexpand.train.moe import is_router
+
+    return [(n, m) for n, m in model.named_modules() if is_router(n, m)]
 
 
 def expert_load(model: Any, ids: list[int], *, seq_len: int = 256, max_tokens: int = 2048) -> dict[str, Any] | None:

@@ -49,9 +49,12 @@ def parameter_accounting(model_dir: Path) -> dict[str, int]:
 
 def _load(path: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from lmexpand.composed import load_model, register_if_composed
+
+    register_if_composed(path)
+    model = load_model(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -127,6 +130,9 @@ def write_report(results: dict[str, Any], out: Path, metrics_path: Path | None) 
         plots.append("loss.png")
     _plot_perplexity(results["perplexity"], out / "perplexity.png")
     plots.append("perplexity.png")
+    if results.get("moe"):
+        _plot_expert_load(results["moe"], out / "expert_load.png")
+        plots.append("expert_load.png")
     results["plots"] = plots
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(results))
@@ -222,6 +228,28 @@ def _plot_perplexity(ppl: dict[str, dict[str, dict[str, float]]], png: Path) -> 
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("perplexity by text set")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _plot_expert_load(moe: dict[str, Any], png: Path) -> None:
+    """Layer x expert heatmap of the fraction of routing choices, relative to balanced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(moe["load"])
+    grid = np.array([moe["load"][n] for n in names]) / moe["balanced_load"]
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * grid.shape[1]), min(12, 2 + 0.25 * grid.shape[0])))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer (router)")
+    ax.set_yticks(range(len(names)), [n.split(".layers.")[-1].split(".")[0] for n in names], fontsize=7)
+    ax.set_title(f"expert load / balanced load (top-{moe['top_k']}, {moe['experts']} experts)")
+    fig.colorbar(im, ax=ax, label="x balanced (1 = balanced)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
