@@ -228,9 +228,9 @@ def _run_surgery(method, kw: dict) -> None:
     for note in plan.notes:
         log.info("note: %s", note)
     path = execute(plan, out, force=force, max_shard_size=max_shard_size, readers=readers)
-    log.info("wrote %s: %d layers, %s parameters (%s new)%s", path, summary["num_layers"] or 0,
-             f"{summary['parameters_total']:,}", f"{summary['parameters_new']:,}",
-             ", function-preserving at init" if plan.function_preserving else "")
+    layers = f"{summary['num_layers']} layers, " if summary["num_layers"] else ""
+    log.info("wrote %s: %s%s parameters (%s to train)%s", path, layers, f"{summary['parameters_total']:,}",
+             f"{summary['parameters_new']:,}", ", function-preserving at init" if plan.function_preserving else "")
     if plan.check_delta:
         from lmexpand.expand.executor import logit_delta
 

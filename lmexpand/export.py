@@ -9,7 +9,9 @@ what data, for how many tokens) and, if given, the evaluation table.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader
@@ -42,12 +44,15 @@ def find_eval_results(model_dir: Path, explicit: Path | None) -> dict[str, Any] 
 
 
 def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: dict[str, Any] | None,
-               n_params: int) -> str:
+               n_params: int, remote_code: bool = False) -> str:
     arch = (config.get("architectures") or ["?"])[0]
+    load = ("`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: a composed (CALM) model runs two "
+            "models and the bridges, a class transformers does not ship, so its modeling file "
+            "`modeling_lmexpand_calm.py` comes with it" if remote_code else
+            "`AutoModelForCausalLM.from_pretrained(path)` (no remote code)")
     lines = ["---", "library_name: transformers", "tags: [lmexpand]", "---", "",
              f"# {arch} grown with lmexpand", "",
-             f"{n_params:,} parameters, {config.get('num_hidden_layers')} layers. Loads with "
-             "`AutoModelForCausalLM.from_pretrained(path)` (no remote code).", ""]
+             f"{n_params:,} parameters, {config.get('num_hidden_layers')} layers. Loads with {load}.", ""]
     if lineage:
         chain = list(lineage.get("history") or []) + [lineage]
         lines += ["## Lineage", ""]
@@ -80,19 +85,50 @@ def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: 
 
 def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval_dir: Path | None = None,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    from lmexpand.composed import is_composed
+
     model_dir = resolve_export_source(spec)
-    reader = CheckpointReader(model_dir)
+    reader = CheckpointReader(model_dir, need_family=False)
+    readers = [reader]
     config = {k: v for k, v in reader.config.items() if k not in PRIVATE_CONFIG_KEYS}
     lineage = reader.lineage()
     results = find_eval_results(model_dir, eval_dir)
     outputs = [OutputTensor(TensorSlot(t.name, t.dtype, t.shape), RawCopy(t)) for t in reader]
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
+    remote_code = is_composed(model_dir) and bool(config.get("anchor_path"))
+    if remote_code:
+        more, modeling_file = _composed_sources(model_dir, config, readers)
+        outputs += more
+        files[modeling_file.name] = modeling_file.path
+    n_params = sum(math.prod(o.slot.shape) for o in outputs)
     files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    files["README.md"] = model_card(config, lineage, results, reader.total_params).encode()
+    files["README.md"] = model_card(config, lineage, results, n_params, remote_code=remote_code).encode()
     if lineage is not None:
         files[LINEAGE_FILE] = (json.dumps(lineage, indent=2) + "\n").encode()
     try:
         return write_checkpoint(out, outputs, files=files, force=force, max_shard_size=max_shard_size,
-                                sources=[model_dir], description=f"export -> {Path(out).name}")
+                                sources=[r.path for r in readers], description=f"export -> {Path(out).name}")
     finally:
-        reader.close()
+        for r in readers:
+            r.close()
+
+
+def _composed_sources(model_dir: Path, config: dict[str, Any],
+                      readers: list[CheckpointReader]) -> tuple[list[OutputTensor], Any]:
+    """A CALM directory made self-contained: the anchor's tensors under ``anchor.``, the
+    augmenting model's decoder under ``augment.`` (its LM head is not used), the modeling
+    file beside them (``auto_map``; loading needs trust_remote_code=True)."""
+    import lmexpand.calm_modeling as modeling
+    from lmexpand.composed import _check_sources
+
+    _check_sources(model_dir, SimpleNamespace(**config), json.loads((model_dir / LINEAGE_FILE).read_text())
+                   if (model_dir / LINEAGE_FILE).is_file() else {})
+    anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
+    readers += [anchor, aug]
+    out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
+    out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
+            for t in aug if t.name.startswith("model.")]
+    config["anchor_path"] = config["augment_path"] = None
+    config["auto_map"] = {"AutoConfig": "modeling_lmexpand_calm.CalmConfig",
+                          "AutoModelForCausalLM": "modeling_lmexpand_calm.CalmForCausalLM"}
+    return out, SimpleNamespace(name="modeling_lmexpand_calm.py", path=Path(modeling.__file__))

@@ -63,7 +63,6 @@ def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | 
 
 def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | None, use_bf16: bool):
     import torch
-    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
     if cfg.load_in_4bit:
@@ -77,7 +76,9 @@ def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | No
             bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
             llm_int8_skip_modules=skip,
         )
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    from lmexpand.composed import load_model
+
+    return load_model(model_dir, **kwargs)
 
 
 def _optimizer(cfg: TrainConfig, params: list):
@@ -121,6 +122,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         project_dir=str(cfg.out),
     )
     set_seed(cfg.seed)
+    from lmexpand.composed import register_if_composed
+
+    register_if_composed(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _quiet_datasets()
     with accelerator.main_process_first():
