@@ -19,7 +19,6 @@ steps of the dense model's FFNs (`--trainable '*mlp*'`), seq 512, batch 2, fp32 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -86,23 +85,23 @@ def surgery(size: str, experts: int, repeat: int) -> None:
 
 
 def compare(src: Path, theirs: Path) -> str:
-    """mergekit's experts vs the dense FFN they copy (lmexpand's are bitwise copies, tested)."""
+    """mergekit's experts vs the dense FFN they copy (lmexpand's are bitwise copies, tested).
+    mergekit-moe writes transformers v5's fused layout: experts.gate_up_proj [E, 2I, H]
+    (gate rows first) and experts.down_proj [E, H, I]."""
     import torch
 
     from lmexpand.checkpoint import CheckpointReader
 
     a, b = CheckpointReader(src), CheckpointReader(theirs, need_family=False)
-    pairs = [(f"model.layers.{i}.mlp.{d}.weight", n) for n in b.tensors
-             for i, e, w in [_expert(n)] if w for d in [{"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[w]]]
-    equal = sum(torch.equal(a.get_tensor(x), b.get_tensor(y)) for x, y in pairs)
-    return f"mergekit-moe: {equal} of {len(pairs)} expert tensors bitwise equal to the dense FFN (as lmexpand's)"
-
-
-def _expert(name: str) -> tuple[int, int, str | None]:
-    import re
-
-    m = re.match(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", name)
-    return (int(m[1]), int(m[2]), m[3]) if m else (-1, -1, None)
+    checked = equal = 0
+    for layer in range(a.num_layers):
+        p = f"model.layers.{layer}.mlp."
+        gate, up, down = (a.get_tensor(p + f"{n}_proj.weight") for n in ("gate", "up", "down"))
+        gu, dn = b.get_tensor(p + "experts.gate_up_proj"), b.get_tensor(p + "experts.down_proj")
+        for e in range(gu.shape[0]):
+            checked += 2
+            equal += torch.equal(gu[e], torch.cat([gate, up])) + torch.equal(dn[e], down)
+    return f"mergekit-moe: {equal} of {checked} fused expert tensors bitwise equal to the dense FFN (as lmexpand's)"
 
 
 def train(steps: int, repeat: int) -> None:

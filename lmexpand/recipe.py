@@ -79,7 +79,8 @@ class _Section(BaseModel):
 
 class SurgerySection(_Section):
     method: str
-    source: str
+    source: str | list[str] = Field(description="the source model; a list for methods with several (calm: "
+                                    "[anchor, augmenting model])")
     out: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
@@ -160,11 +161,18 @@ def load_job(path: Path) -> Job:
             cfg = parse_config(method, args, style="key")
         except ConfigError as e:
             raise ConfigError(f"{path}: surgery.args: {str(e).split(': ', 1)[1]}") from None
-        source = _resolve(base, s.source)
-        _must_exist(f"{path}: surgery.source", source)
+        given = s.source if isinstance(s.source, list) else [s.source]
+        if len(given) != len(method.sources):
+            names = ", ".join(x.lower() for x in method.sources)
+            raise ConfigError(f"{path}: surgery.source: {s.method} takes {len(method.sources)} source model(s) "
+                              f"({names}); got {len(given)}. Write " + ("source: MODEL" if len(method.sources) == 1
+                              else f"source: [{names}]") + ".")
+        sources = [_resolve(base, x) for x in given]
+        for x in sources:
+            _must_exist(f"{path}: surgery.source", x)
         out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
-        job.surgery = (method, cfg, source, out)
-        produced, source_model = str(out), source
+        job.surgery = (method, cfg, sources, out)
+        produced, source_model = str(out), sources[0]
     if recipe.train is not None:
         values = dict(recipe.train)
         for key in ("model", "out"):
@@ -232,17 +240,17 @@ def run_job(job: Job) -> dict[str, str]:
     outputs: dict[str, str] = {}
     upstream = ""
     if job.surgery is not None:
-        method, cfg, source, out = job.surgery
-        reader = open_source(source)
-        plan = method.plan([reader], cfg)  # headers only: cheap, and it names every source read
+        method, cfg, sources, out = job.surgery
+        readers = [open_source(x) for x in sources]
+        plan = method.plan(readers, cfg)  # headers only: cheap, and it names every source read
         fp = _digest("surgery", method.name, cfg.model_dump(mode="json"),
-                     [r.fingerprint()["sha256"] for r in (plan.readers or [reader])])
+                     [r.fingerprint()["sha256"] for r in (plan.readers or readers)])
         if _done(job, "surgery", fp, out):
             log.info("surgery: up to date (%s), skipped", out)
         else:
             from lmexpand.expand.executor import execute
 
-            execute(plan, out, force=True, readers=[reader])
+            execute(plan, out, force=True, readers=readers)
             _mark(job, "surgery", fp, out)
         outputs["surgery"], upstream = str(out), fp
         kill_point("run:after-surgery")

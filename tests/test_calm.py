@@ -205,3 +205,18 @@ def test_tokenizer_and_family_errors(pair, tmp_path, capsys):
     code, _, err = calm(capsys, pair[0], gpt, tmp_path / "o3", "--every", 2)
     assert code == 2 and "not supported" in err
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_recipe_with_two_sources(pair, gsm8k_small, tmp_path, capsys):
+    recipe = tmp_path / "calm.yaml"
+    recipe.write_text(
+        f"workdir: out\nsurgery:\n  method: calm\n  source: [{pair[0]}, {pair[1]}]\n  args: {{every: 2}}\n"
+        f"train:\n  data: [{{path: {gsm8k_small}, template: 'Q: {{question}} A: {{answer}}'}}]\n"
+        "  seq_len: 32\n  batch_size: 2\n  max_steps: 3\n  warmup_steps: 0\n  val_every: 0\n"
+    )
+    assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "train" / "model" / "config.json").read_text())["model_type"] == "lmexpand_calm"
+    one = tmp_path / "one.yaml"
+    one.write_text(f"surgery:\n  method: calm\n  source: {pair[0]}\n  args: {{every: 2}}\n")
+    assert main(["run", str(one)]) == 2
+    assert "calm takes 2 source model(s) (anchor, augment); got 1" in capsys.readouterr().err
