@@ -71,7 +71,7 @@ def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
     from lmexpand.checkpoint.inspect import summarize
     from lmexpand.checkpoint.sources import open_source
 
-    with open_source(source, allow_pickle=allow_pickle) as reader:
+    with open_source(source, allow_pickle=allow_pickle, need_family=False) as reader:
         summary = summarize(reader)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -113,6 +113,8 @@ def _print_summary(s: dict) -> None:
     for name, n in s["non_layer_parameters"].items():
         layers.add_row(name, f"{n:,}")
     console.print(layers)
+    if s.get("note"):
+        console.print(f"[yellow]note:[/yellow] {s['note']}")
     lineage = s.get("lineage")
     if lineage:
         console.print("[bold]lineage[/bold] (lmexpand.json):")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -9,17 +10,24 @@ from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
 
 
 def summarize(reader: CheckpointReader) -> dict[str, Any]:
-    family = reader.family
-    assert family is not None
+    family = reader.family  # None for architectures lmexpand writes but does not expand (MoE, CALM)
     cfg = reader.config
-    n_layers = reader.num_layers
+    n_layers = reader.num_layers if family else int(cfg.get("num_hidden_layers") or 0)
+    generic = re.compile(r"^.*?\.layers\.(\d+)\.(.+)$")
+
+    def split_layer(name: str) -> tuple[int, str] | None:
+        if family:
+            return family.split_layer_name(name)
+        m = generic.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
     per_layer = [0] * n_layers
     other: dict[str, int] = {}
     stray: list[str] = []
     bytes_by_dtype: Counter[str] = Counter()
     for t in reader:
         bytes_by_dtype[torch_dtype_name(t.dtype)] += t.nbytes
-        split = family.split_layer_name(t.name)
+        split = split_layer(t.name)
         if split is None:
             other[t.name] = t.numel
         elif split[0] < n_layers:
@@ -30,8 +38,8 @@ def summarize(reader: CheckpointReader) -> dict[str, Any]:
     hidden = cfg.get("hidden_size")
     summary: dict[str, Any] = {
         "path": str(reader.path),
-        "family": family.name,
-        "architectures": cfg.get("architectures") or [family.causal_lm_class],
+        "family": family.name if family else cfg.get("model_type"),
+        "architectures": cfg.get("architectures") or ([family.causal_lm_class] if family else []),
         "num_layers": n_layers,
         "hidden_size": hidden,
         "intermediate_size": cfg.get("intermediate_size"),
@@ -51,6 +59,12 @@ def summarize(reader: CheckpointReader) -> dict[str, Any]:
         "non_layer_parameters": other,
         "lineage": reader.lineage(),
     }
+    if family is None:
+        from lmexpand.checkpoint.families import FAMILIES
+
+        supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
+        summary["note"] = (f"model_type {cfg.get('model_type')!r} is not a family lmexpand expands "
+                           f"(supported: {supported}); shown from its headers only")
     if stray:
         summary["tensors_beyond_num_layers"] = stray
     return summary

@@ -46,5 +46,5 @@ def resolve_source(spec: str | Path) -> Path:
     )
 
 
-def open_source(spec: str | Path, *, allow_pickle: bool = False) -> CheckpointReader:
-    return CheckpointReader(resolve_source(spec), allow_pickle=allow_pickle)
+def open_source(spec: str | Path, *, allow_pickle: bool = False, need_family: bool = True) -> CheckpointReader:
+    return CheckpointReader(resolve_source(spec), allow_pickle=allow_pickle, need_family=need_family)
