@@ -11,7 +11,8 @@
 5. ``lmexpand surgery calm`` joins them with bridges at anchor layers 0..3 reading the
    augmenting model's last layer; ``lmexpand train`` trains only the bridges on
    ``abc+def=<v1+v2>`` for training keys, mixed 1:1 with the anchor's own sums (so the
-   bridges learn to stay out of the way when there is no key).
+   bridges learn to stay out of the way when there is no key), with the loss on the
+   answers only (``--loss-from =``: the random key letters are context, not targets).
 6. Exact match of greedy answers on 1,000 sums of two *held-out* keys: anchor alone vs
    composed vs a control composed with an untrained augmenting model (same bridge
    training). Also: the anchor's own arithmetic before and after composition.
@@ -184,7 +185,8 @@ def main() -> None:
         t1 = time.perf_counter()
         assert cli(["-q", "train", "--model", str(calm_dir), "--data", str(out / "bridges.jsonl"), "--seq-len", "64",
                     "--batch-size", "32", "--max-steps", str(args.bridge_steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.bridge_steps // 10)),
-                    "--val-every", "0", "--log-every", "100", "--no-tensorboard", "--out", str(run)]) == 0
+                    "--loss-from", "=", "--val-every", "0", "--log-every", "100", "--no-tensorboard",
+                    "--out", str(run)]) == 0
         model = load_model(run / "model").eval()
         rows.append((label, exact_match(model, held_p, held_a), exact_match(model, seen_p, seen_a),
                      exact_match(model, [p for p, _ in arith], [a for _, a in arith])))

@@ -308,6 +308,7 @@ class _LazyParamsCommand(click.Command):
 @click.option("--data", "data", multiple=True, help="Training file (.txt or .jsonl); repeat for several.")
 @click.option("--text-field", default=None, help="JSONL field with the text  [default: text]")
 @click.option("--template", default=None, help="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}'.")
+@click.option("--loss-from", default=None, help="Train only on what follows this text in each document (e.g. 'Answer:'); the prompt is context.")
 @click.option("--out", "out", help="Run directory: metrics, checkpoints, and the final model in OUT/model.")
 @click.option("--trainable", default=None, help="new (default: lmexpand.json's new_parameters), all, none, or comma-separated globs.")
 @click.option("--extra-trainable", default=None, help="Comma-separated globs added to the trainable set, e.g. '*norm*'.")
@@ -354,13 +355,14 @@ def _train_config_from_cli(kw: dict):
 
         values = load_recipe_section(Path(recipe), "train")
         style = "key"
-    text_field, template = kw.pop("text_field"), kw.pop("template")
+    text_field, template, loss_from = kw.pop("text_field"), kw.pop("template"), kw.pop("loss_from")
     data = kw.pop("data")
     if data:
         values["data"] = [{"path": d} for d in data]
-    if text_field or template:
+    if text_field or template or loss_from:
         values["data"] = [
-            {**d, **({"field": text_field} if text_field else {}), **({"template": template} if template else {})}
+            {**d, **({"field": text_field} if text_field else {}), **({"template": template} if template else {}),
+             **({"loss_from": loss_from} if loss_from else {})}
             for d in values.get("data", [])
         ]
     for key in ("model", "out"):

@@ -62,3 +62,28 @@ def test_lean_mlps_keep_loss_and_gradients(tiny_llama):
     assert torch.equal(grads[0][0], grads[1][0])  # same forward values
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_from_masks_the_prompt(tiny_llama):
+    """--loss-from: prompt tokens are context (stored negative), never targets."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmexpand.train.data import _tokenize, split_targets
+    from lmexpand.train.loss import CausalLMLoss
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    texts = ["Question: what is two and two? Answer: four", "no marker here at all"]
+    rows = _tokenize(tok, texts, "Answer:")
+    plain = tok(texts, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tok("Question: what is two and two? Answer:", add_special_tokens=False)["input_ids"])
+    assert [-(t + 1) for t in plain[0][:n_prompt]] == rows[0][:n_prompt] and rows[0][n_prompt:] == plain[0][n_prompt:]
+    assert rows[1] == plain[1]  # no marker: every token is a target
+    block = torch.tensor([rows[0]])
+    ids, targets = split_targets(block)
+    assert torch.equal(ids, torch.tensor([plain[0]])) and targets.sum() == len(plain[0]) - n_prompt > 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    loss, _ = CausalLMLoss(model)(block)
+    logits = model(input_ids=ids).logits[0, :-1]
+    labels = ids[0, 1:].masked_fill(~targets[0, 1:], -100)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, ignore_index=-100).item(), rel=1e-5)

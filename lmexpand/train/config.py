@@ -24,6 +24,10 @@ class DataSource(_Strict):
     template: str | None = Field(
         None, description="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}' (overrides field)"
     )
+    loss_from: str | None = Field(
+        None, description="train only on what follows the first occurrence of this text in each document "
+        "(e.g. 'Answer:'): the prompt is context, not a target. Documents without it train on every token.",
+    )
 
     @property
     def kind(self) -> str:

@@ -8,6 +8,9 @@
 * Tokenization goes through ``datasets`` ``map``, cached on disk by its fingerprint
   (``$LMEXPAND_CACHE/datasets``): the second run of the same data and tokenizer is free.
 * Documents are joined with EOS separators and cut into blocks of ``seq_len`` tokens.
+* ``loss_from``: tokens up to the end of a marker (the prompt) are context only. They are
+  stored as ``-(id + 1)`` in the blocks, so a block stays one int64 row; the loss turns
+  them back into ids and excludes them as targets (:func:`split_targets`).
 * In-memory mode shuffles blocks per epoch with a seeded permutation; streaming mode reads
   in file order. Either way, block ``k`` of the run is a pure function of (data, seed, k),
   which is what makes resume exact.
@@ -29,6 +32,7 @@ from lmexpand.train.config import DataSource
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
 log = logging.getLogger("lmexpand")
 
@@ -75,7 +79,8 @@ def fingerprint_sources(sources: Sequence[DataSource]) -> str:
     h = hashlib.sha256()
     for s in sources:
         st = s.path.stat()
-        h.update(json.dumps([str(s.path.resolve()), st.st_size, st.st_mtime_ns, s.kind, s.field, s.template]).encode())
+        h.update(json.dumps([str(s.path.resolve()), st.st_size, st.st_mtime_ns, s.kind, s.field, s.template,
+                             s.loss_from]).encode())
     return h.hexdigest()[:16]
 
 
@@ -141,6 +146,32 @@ class PackedData:
                     return
 
 
+def _tokenize(tokenizer: Any, texts: list[str], loss_from: str | None) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if not loss_from:
+        return ids
+    out = []
+    for text, row in zip(texts, ids):
+        cut = text.find(loss_from)
+        if cut < 0:
+            out.append(row)
+            continue
+        n_prompt = len(tokenizer(text[:cut + len(loss_from)], add_special_tokens=False)["input_ids"])
+        out.append([-(t + 1) for t in row[:n_prompt]] + row[n_prompt:])
+    return out
+
+
+def split_targets(blocks: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """Blocks (prompt tokens stored as -(id + 1)) -> (input ids, target mask or None).
+    ``mask[:, t]`` says whether token t is a training target."""
+    import torch
+
+    negative = blocks < 0
+    if not bool(negative.any()):
+        return blocks, None
+    return torch.where(negative, -blocks - 1, blocks), ~negative
+
+
 def _pack(token_lists: Iterator[list[int]], seq_len: int, eos: int) -> Iterator[list[int]]:
     buf: list[int] = []
     for ids in token_lists:
@@ -166,7 +197,7 @@ def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: 
             ds = _dataset(src, streaming_)
             ds = ds.map(lambda r, idx: {"is_val": _in_validation(idx, si, val_fraction, seed)}, with_indices=True)
             ds = ds.filter(lambda r: bool(r["text"]) and r["is_val"] == (split == "val"))
-            ds = ds.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+            ds = ds.map(lambda batch, src=src: {"ids": _tokenize(tokenizer, batch["text"], src.loss_from)},
                         batched=True, remove_columns=[c for c in ["text", "is_val"]])
             for record in ds:
                 yield record["ids"]

@@ -89,12 +89,17 @@ class CausalLMLoss(nn.Module):
         self.chunk = chunk
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        from lmexpand.train.data import split_targets
+
+        input_ids, targets = split_targets(input_ids)  # prompt tokens (loss_from) are context only
         decoder = self.model.get_decoder()
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state
         labels = input_ids[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        if targets is not None:
+            labels = labels.masked_fill(~targets[:, 1:], IGNORE_INDEX)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
         loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk)
