@@ -138,6 +138,7 @@ def test_bf16_source(tmp_path, capsys):
         (["--segments", "4", "--shared", "4"], ["--shared 4 must be below --segments 4"]),
         (["--segments", "4", "--shared", "5"], ["--shared 5 must be below"]),
         (["--segments", "4", "--top-k", "9"], ["--top-k 9 is above the 6 routed experts"]),
+        (["--segments", "2", "--replicas", "1"], ["= 1 routed expert", "needs at least 2", "--replicas"]),
         (["--experts", "4", "--layers", "1,7"], ["--layers: layer 7 is out of range", "0..3"]),
         (["--experts", "4", "--layers", "one"], ["--layers", "'all', 'every:N'"]),
         (["--segments", "4", "--layers", "0,1"], ["Glm4MoeForCausalLM keeps only the first layers dense", "suffix"]),

@@ -124,6 +124,10 @@ class MoeConfig(MethodConfig):
                 raise ValueError(f"--shared {self.shared} must be below --segments {self.segments}: at least one "
                                  "segment must be routed")
             n_routed = (self.segments - self.shared) * self.replicas
+            if n_routed < 2:
+                raise ValueError(f"(M-S)*R = ({self.segments}-{self.shared})*{self.replicas} = {n_routed} routed expert; "
+                                 "Glm4MoeForCausalLM's router needs at least 2 (it ranks the top 2 per group): raise "
+                                 "--replicas or --segments")
             if self.top_k is not None and self.top_k > n_routed:
                 raise ValueError(f"--top-k {self.top_k} is above the {n_routed} routed experts "
                                  f"((M-S)*R = ({self.segments}-{self.shared})*{self.replicas})")
