@@ -35,8 +35,9 @@ class CalmConfig(PretrainedConfig):
 
     def __init__(self, anchor: dict | None = None, augment: dict | None = None, pairs: list | None = None,
                  num_heads: int = 4, anchor_path: str | None = None, augment_path: str | None = None,
-                 use_cache: bool = True, **kwargs):
+                 use_cache: bool = True, bridge_rope_theta: float | None = 10000.0, **kwargs):
         self.use_cache = use_cache
+        self.bridge_rope_theta = bridge_rope_theta
         self.anchor = anchor or {}
         self.augment = augment or {}
         self.pairs = [list(p) for p in (pairs or [])]
@@ -64,12 +65,26 @@ class CalmCache(DynamicCache):
         self.bridge_mask: torch.Tensor | None = None  # [B, S] key validity so far
 
 
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """Rotary position embedding over the last dim of ``x`` [B, H, T, D] for ``positions``
+    [B, T] (both streams read the same tokens, so their positions are the same numbers)."""
+    if theta is None:
+        return x
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions[:, None, :, None].float() * inv
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
+
+
 class CalmBridge(nn.Module):
-    def __init__(self, d_anchor: int, d_aug: int, heads: int, eps: float = 1e-6):
+    def __init__(self, d_anchor: int, d_aug: int, heads: int, eps: float = 1e-6, rope_theta: float | None = 10000.0):
         super().__init__()
         if d_anchor % heads:
             raise ValueError(f"anchor width {d_anchor} is not divisible by {heads} bridge heads")
         self.heads = heads
+        self.rope_theta = rope_theta
         self.norm_q = nn.RMSNorm(d_anchor, eps=eps)
         self.norm_kv = nn.RMSNorm(d_aug, eps=eps)
         self.proj = nn.Linear(d_aug, d_anchor, bias=False)
@@ -78,17 +93,17 @@ class CalmBridge(nn.Module):
         self.v_proj = nn.Linear(d_anchor, d_anchor, bias=False)
         self.o_proj = nn.Linear(d_anchor, d_anchor, bias=False)
 
-    def keys_values(self, h_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, h_aug: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.proj(self.norm_kv(h_aug.to(self.proj.weight.dtype)))
-        return self._split(self.k_proj(p)), self._split(self.v_proj(p))
+        return rope(self._split(self.k_proj(p)), positions, self.rope_theta), self._split(self.v_proj(p))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                query_valid: torch.Tensor) -> torch.Tensor:
-        q = self._split(self.q_proj(self.norm_q(x.to(self.q_proj.weight.dtype))))
+                query_valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q = rope(self._split(self.q_proj(self.norm_q(x.to(self.q_proj.weight.dtype)))), positions, self.rope_theta)
         att = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, h, t, dh = att.shape
         out = self.o_proj(att.transpose(1, 2).reshape(b, t, h * dh))
@@ -118,7 +133,8 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
         self.augment = AutoModel.from_config(config.sub_config("augment"))
         d_a, d_g = config.anchor["hidden_size"], config.augment["hidden_size"]
         eps = config.anchor.get("rms_norm_eps", 1e-6)
-        self.bridges = nn.ModuleList(CalmBridge(d_a, d_g, config.num_heads, eps) for _ in config.pairs)
+        self.bridges = nn.ModuleList(CalmBridge(d_a, d_g, config.num_heads, eps, config.bridge_rope_theta)
+                                     for _ in config.pairs)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -168,9 +184,11 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
             for h in hooks:
                 h.remove()
 
+        # bridge positions: the token index in the sequence (same for both streams)
+        positions = (past + torch.arange(t, device=input_ids.device))[None].expand(b, t)
         kv = []
         for i, (_, g) in enumerate(pairs):
-            k, v = self.bridges[i].keys_values(captured[g])
+            k, v = self.bridges[i].keys_values(captured[g], positions)
             if cache is not None:
                 if i in cache.bridge_kv:
                     pk, pv = cache.bridge_kv[i]
@@ -187,7 +205,7 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
             def apply(module, inputs, output):
                 x = output[0] if isinstance(output, tuple) else output
                 for i in by_layer[a]:
-                    x = self.bridges[i](x, kv[i][0], kv[i][1], mask, query_valid)
+                    x = self.bridges[i](x, kv[i][0], kv[i][1], mask, query_valid, positions)
                 return (x, *output[1:]) if isinstance(output, tuple) else x
             return apply
 

@@ -42,6 +42,10 @@ class CalmMethodConfig(MethodConfig):
         "its last layer.",
     )
     heads: int = Field(4, gt=0, description="Attention heads per bridge (must divide the anchor width).")
+    positions: Literal["rope", "none"] = Field(
+        "rope", description="Rotary positions in the bridges' attention (both models read the same tokens), so a "
+        "bridge can tell the current document from earlier ones in a packed sequence; 'none': content only.",
+    )
     init_std: float = Field(0.02, gt=0, description="Std of the bridges' projection weights (o_proj starts at zero).")
     seed: int = Field(0, description="Seed of the bridge initialization.")
 
@@ -140,6 +144,9 @@ def plan_calm(readers: Sequence[CheckpointReader], cfg: CalmMethodConfig) -> Pla
     d_a, d_g = int(anchor.config["hidden_size"]), int(aug.config["hidden_size"])
     if d_a % cfg.heads:
         raise ConfigError(f"--heads {cfg.heads} does not divide the anchor width {d_a}.")
+    if cfg.positions == "rope" and (d_a // cfg.heads) % 2:
+        raise ConfigError(f"--heads {cfg.heads}: bridge heads of {d_a // cfg.heads} dims; rotary positions need an even "
+                          "number. Choose other --heads or --positions none.")
     tensors: list[TensorPlan] = []
     for i in range(len(pairs)):
         p = f"bridges.{i}."
@@ -160,6 +167,7 @@ def plan_calm(readers: Sequence[CheckpointReader], cfg: CalmMethodConfig) -> Pla
         "augment": dict(aug.config),
         "pairs": [list(p) for p in pairs],
         "num_heads": cfg.heads,
+        "bridge_rope_theta": 10000.0 if cfg.positions == "rope" else None,
         "anchor_path": str(anchor.path.resolve()),
         "augment_path": str(aug.path.resolve()),
         "vocab_size": anchor.config.get("vocab_size"),

@@ -121,6 +121,7 @@ class RouterMonitor:
         self._calls = []
         if ratios:
             stats["moe_max_mean_load"] = max(ratios)
+            stats["moe_layer_mean_max_mean_load"] = sum(ratios) / len(ratios)
             stats["moe_max_mean_load_per_layer"] = [round(r, 4) for r in ratios]
         if replica_share:
             stats["moe_other_replica_share"] = sum(replica_share) / len(replica_share)
