@@ -12,7 +12,8 @@
    augmenting model's last layer; ``lmexpand train`` trains only the bridges on
    ``abc+def=<v1+v2>`` for training keys, mixed 1:1 with the anchor's own sums (so the
    bridges learn to stay out of the way when there is no key), with the loss on the
-   answers only (``--loss-from =``: the random key letters are context, not targets).
+   answers only (``--loss-from =``: the random key letters are context, not targets),
+   one example per row (``--no-pack``).
 6. Exact match of greedy answers on 1,000 sums of two *held-out* keys: anchor alone vs
    composed vs a control composed with an untrained augmenting model (same bridge
    training). Also: the anchor's own arithmetic before and after composition.
@@ -183,8 +184,8 @@ def main() -> None:
         assert cli(["-q", "surgery", "calm", str(out / "anchor"), str(aug_dir), str(calm_dir),
                     "--pairs", "0:3,1:3,2:3,3:3", "--heads", "4"]) == 0
         t1 = time.perf_counter()
-        assert cli(["-q", "train", "--model", str(calm_dir), "--data", str(out / "bridges.jsonl"), "--seq-len", "64",
-                    "--batch-size", "32", "--max-steps", str(args.bridge_steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.bridge_steps // 10)),
+        assert cli(["-q", "train", "--model", str(calm_dir), "--data", str(out / "bridges.jsonl"), "--seq-len", "16",
+                    "--no-pack", "--batch-size", "128", "--max-steps", str(args.bridge_steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.bridge_steps // 10)),
                     "--loss-from", "=", "--val-every", "0", "--log-every", "100", "--no-tensorboard",
                     "--out", str(run)]) == 0
         model = load_model(run / "model").eval()

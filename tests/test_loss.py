@@ -87,3 +87,15 @@ def test_loss_from_masks_the_prompt(tiny_llama):
     logits = model(input_ids=ids).logits[0, :-1]
     labels = ids[0, 1:].masked_fill(~targets[0, 1:], -100)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, ignore_index=-100).item(), rel=1e-5)
+
+
+def test_no_pack_blocks_pad_without_targets():
+    import torch
+
+    from lmexpand.train.data import _one_per_block, split_targets
+
+    blocks = list(_one_per_block(iter([[5, 6, 7], list(range(10, 30))]), 8, eos=2, pad=0))
+    assert blocks[0] == [5, 6, 7, 2, -1, -1, -1, -1] and blocks[1] == list(range(10, 18))
+    ids, targets = split_targets(torch.tensor(blocks))
+    assert ids[0].tolist() == [5, 6, 7, 2, 0, 0, 0, 0]
+    assert targets[0].tolist() == [True] * 4 + [False] * 4 and bool(targets[1].all())

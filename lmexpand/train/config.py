@@ -76,6 +76,10 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     streaming: bool = Field(False, description="stream the corpus instead of loading it (larger than RAM)")
+    pack: bool = Field(
+        True, description="pack documents into seq_len blocks with EOS separators; --no-pack: one document per "
+        "block, cut at seq_len and padded (padding is never a target)",
+    )
     loss_chunk: int = Field(256, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
     tensorboard: bool = True
     moe_balance_coef: float = Field(0.01, ge=0, description="MoE models: weight of the expert load-balancing loss")

@@ -182,8 +182,17 @@ def _pack(token_lists: Iterator[list[int]], seq_len: int, eos: int) -> Iterator[
             buf = buf[seq_len:]
 
 
+def _one_per_block(token_lists: Iterator[list[int]], seq_len: int, eos: int, pad: int) -> Iterator[list[int]]:
+    """Unpacked: each document (+ EOS) in its own block, cut at seq_len, padded with
+    ``-(pad + 1)`` (context only, never a target; after the document, so causal attention
+    never lets a real token see it)."""
+    for ids in token_lists:
+        row = (list(ids) + [eos])[:seq_len]
+        yield row + [-(pad + 1)] * (seq_len - len(row))
+
+
 def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: int, val_fraction: float,
-                     seed: int, streaming: bool = False) -> PackedData:
+                     seed: int, streaming: bool = False, pack: bool = True) -> PackedData:
     import numpy as np
 
     for s in sources:
@@ -191,6 +200,11 @@ def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the model's tokenizer has no EOS token, needed to separate packed documents.")
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def blocks_of(token_lists: Iterator[list[int]], seq_len: int, eos: int) -> Iterator[list[int]]:
+        return _pack(token_lists, seq_len, eos) if pack else _one_per_block(token_lists, seq_len, eos, pad)
 
     def documents(split: str, streaming_: bool) -> Iterator[list[int]]:
         for si, src in enumerate(sources):
@@ -202,14 +216,14 @@ def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: 
             for record in ds:
                 yield record["ids"]
 
-    val = list(_pack(documents("val", streaming), seq_len, eos)) if val_fraction > 0 else []
+    val = list(blocks_of(documents("val", streaming), seq_len, eos)) if val_fraction > 0 else []
     if streaming:
-        first = next(iter(_pack(documents("train", True), seq_len, eos)), None)
+        first = next(iter(blocks_of(documents("train", True), seq_len, eos)), None)
         if first is None:
             raise ConfigError(f"data: fewer than {seq_len} tokens of training text; lower --seq-len or add data.")
         return PackedData(seq_len, seed, None, np.array(val, dtype=np.int64).reshape(-1, seq_len),
-                          stream_factory=lambda: (np.array(b, dtype=np.int64) for b in _pack(documents("train", True), seq_len, eos)))
-    train = list(_pack(documents("train", False), seq_len, eos))
+                          stream_factory=lambda: (np.array(b, dtype=np.int64) for b in blocks_of(documents("train", True), seq_len, eos)))
+    train = list(blocks_of(documents("train", False), seq_len, eos))
     if not train:
         raise ConfigError(
             f"data: fewer than {seq_len} tokens of training text in {', '.join(str(s.path) for s in sources)}; "

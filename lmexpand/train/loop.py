@@ -129,7 +129,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     _quiet_datasets()
     with accelerator.main_process_first():
         data = load_packed_data(cfg.data, tokenizer, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
-                                seed=cfg.seed, streaming=cfg.streaming)
+                                seed=cfg.seed, streaming=cfg.streaming, pack=cfg.pack)
 
     # trainable set first (on a meta copy it costs nothing), so 4-bit loading can skip it
     hint = _trainable_hint(cfg, model_dir, reader) if cfg.load_in_4bit else None
