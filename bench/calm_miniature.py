@@ -168,7 +168,8 @@ def main() -> None:
             else:
                 p, ans = sums(drng, 1)[0]
                 text = p + ans
-            f.write(json.dumps({"text": text}) + "\n")
+            # a newline first, as every line the two models were pretrained on (packed) and the eval prompts
+            f.write(json.dumps({"text": "\n" + text}) + "\n")
     erng = random.Random(5)
     held = [(erng.choice(held_keys), erng.choice(held_keys)) for _ in range(1000)]
     seen = [(erng.choice(train_keys), erng.choice(train_keys)) for _ in range(1000)]
