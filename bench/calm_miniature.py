@@ -117,16 +117,21 @@ def sums(rng: random.Random, n: int) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    import torch
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / ".cache" / "calm-mini"))
     ap.add_argument("--bridge-steps", type=int, default=1000)
     ap.add_argument("--aug-steps", type=int, default=500)
     ap.add_argument("--anchor-steps", type=int, default=600)
     args = ap.parse_args()
+    run(Path(args.out), args.aug_steps, args.anchor_steps, args.bridge_steps)
+
+
+def run(out: Path, aug_steps: int, anchor_steps: int, bridge_steps: int, control: bool = True) -> list[tuple]:
+    """The whole experiment; returns rows (label, held-out EM, training-key EM, arithmetic EM)."""
+    import torch
+
     torch.set_num_threads(2)
-    out = Path(args.out)
+    args = argparse.Namespace(aug_steps=aug_steps, anchor_steps=anchor_steps, bridge_steps=bridge_steps)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rng = random.Random(0)
@@ -180,7 +185,10 @@ def main() -> None:
     from lmexpand.composed import load_model
 
     rows = [("anchor alone", exact_match(anchor, held_p, held_a), exact_match(anchor, seen_p, seen_a), anchor_arith)]
-    for label, aug_dir in (("composed (CALM)", out / "augment"), ("control: untrained augmenting model", out / "augment-untrained")):
+    runs = [("composed (CALM)", out / "augment")]
+    if control:
+        runs.append(("control: untrained augmenting model", out / "augment-untrained"))
+    for label, aug_dir in runs:
         calm_dir, run = out / f"calm-{aug_dir.name}", out / f"run-{aug_dir.name}"
         assert cli(["-q", "surgery", "calm", str(out / "anchor"), str(aug_dir), str(calm_dir),
                     "--pairs", "0:3,1:3,2:3,3:3", "--heads", "4"]) == 0
@@ -199,6 +207,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"rows": rows, "augment_memorized": aug_acc,
                                                   "bridge_steps": args.bridge_steps}, indent=2))
     print(f"total {time.perf_counter() - t0:.0f} s")
+    return rows
 
 
 def _memorized(model, keys: list[str], value: dict[str, int]) -> float:
