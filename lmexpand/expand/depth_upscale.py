@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Op, Plan, Read, Scale, TensorPlan
-from lmexpand.expand.registry import MethodConfig, register_method
+from lmexpand.expand.registry import MethodConfig, comma_list, names_matching, register_method
 
 log = logging.getLogger("lmexpand")
 
@@ -134,11 +134,7 @@ class UpscaleConfig(MethodConfig):
     @field_validator("trainable", mode="before")
     @classmethod
     def _parse_trainable(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [p.strip() for p in v.split(",") if p.strip()]
-        if isinstance(v, list) and not v:
-            raise ValueError("give 'all', 'duplicated' or globs")
-        return v
+        return comma_list(v, "'all', 'duplicated' or globs")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "UpscaleConfig":
@@ -344,19 +340,11 @@ def _seam_layers(slices: list[SliceSpec], width: int) -> set[int]:
 
 
 def _trainable(choice: list[str], tensors: list[TensorPlan], duplicated: set[int], family) -> list[str]:
-    import fnmatch
-
     if choice == ["all"]:
         return [t.name for t in tensors]
     if choice == ["duplicated"]:
         return [t.name for t in tensors if (s := family.split_layer_name(t.name)) and s[0] in duplicated]
-    names: list[str] = []
-    for g in choice:
-        hits = [t.name for t in tensors if fnmatch.fnmatch(t.name, g)]
-        if not hits:
-            raise ConfigError(f"--trainable {g!r} matches no output tensor (names look like {tensors[1].name!r}).")
-        names += [h for h in hits if h not in names]
-    return names
+    return names_matching([t.name for t in tensors], choice)
 
 
 def _config(base: _Model, sources: list[tuple[_Model, int]], family) -> dict[str, Any]:

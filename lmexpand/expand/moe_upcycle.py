@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Const, NewInit, Noise, Op, Plan, Read, Slice, TensorPlan, Zeros
-from lmexpand.expand.registry import MethodConfig, register_method
+from lmexpand.expand.registry import MethodConfig, comma_list, names_matching, register_method
 
 log = logging.getLogger("lmexpand")
 
@@ -102,11 +102,7 @@ class MoeConfig(MethodConfig):
     @field_validator("trainable", mode="before")
     @classmethod
     def _parse_trainable(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [p.strip() for p in v.split(",") if p.strip()]
-        if isinstance(v, list) and not v:
-            raise ValueError("give 'experts', 'all' or globs")
-        return v
+        return comma_list(v, "'experts', 'all' or globs")
 
     @model_validator(mode="after")
     def _check(self) -> "MoeConfig":
@@ -440,17 +436,7 @@ def _hidden_routers(reader: CheckpointReader, cfg: MoeConfig, layers: list[int])
 
 
 def _trainable(choice: list[str], tensors: list[TensorPlan], new: list[str]) -> list[str]:
-    import fnmatch
-
     if choice == ["experts"]:
         return new
     names = [t.name for t in tensors if not t.name.endswith("e_score_correction_bias")]
-    if choice == ["all"]:
-        return names
-    out: list[str] = []
-    for g in choice:
-        hits = [n for n in names if fnmatch.fnmatch(n, g)]
-        if not hits:
-            raise ConfigError(f"--trainable {g!r} matches no output tensor (names look like {new[0]!r}).")
-        out += [h for h in hits if h not in out]
-    return out
+    return names if choice == ["all"] else names_matching(names, choice)

@@ -27,6 +27,29 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def comma_list(value: Any, choices: str) -> Any:
+    """A pydantic ``mode="before"`` helper: 'a,b' -> ['a', 'b']; an empty list is an error
+    that names the ``choices``."""
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, list) and not value:
+        raise ValueError(f"give {choices}")
+    return value
+
+
+def names_matching(names: Sequence[str], globs: Sequence[str], flag: str = "--trainable") -> list[str]:
+    """The names matched by any glob, in ``names`` order; a glob matching nothing is an error."""
+    import fnmatch
+
+    out: list[str] = []
+    for g in globs:
+        hits = [n for n in names if fnmatch.fnmatch(n, g)]
+        if not hits:
+            raise ConfigError(f"{flag} {g!r} matches no output tensor (names look like {names[min(1, len(names) - 1)]!r}).")
+        out += [h for h in hits if h not in out]
+    return out
+
+
 PlanFunction = Callable[[Sequence[CheckpointReader], Any], Plan]
 
 
