@@ -19,7 +19,8 @@ expert (always on); each of the other M - S segments is replicated R times as ro
 experts: E = (M - S) R, top-k = M - S. Written as ``Glm4MoeForCausalLM``: with a zero
 router every sigmoid score is 0.5, a correction bias of ``bias_gap`` on replica 0 of each
 segment makes the top-k pick exactly one replica of every segment, and each routing
-weight is 0.5 x ``routed_scaling_factor`` 2 = 1, so shared + routed sum to the dense
+weight is 0.5 / (0.5 (M - S)) x ``routed_scaling_factor`` (M - S) = 1 (normalized top-k
+weights, so a uniform drift of the scores in training cancels), so shared + routed sum to the dense
 FFN (a SwiGLU FFN is a sum over its intermediate units). Glm4Moe keeps the first
 ``first_k_dense_replace`` layers dense, so the upcycled layers must be a suffix.
 See ../shared/notes/moe-stock-targets.md for how these targets were found.
@@ -227,10 +228,12 @@ def _target_config(target: str, src: dict[str, Any], family: str, cfg: MoeConfig
         rope["partial_rotary_factor"] = 1.0  # the class default (0.5) would rotate half of each head
         base["rope_parameters"] = rope
         n_routed_segments = cfg.segments - cfg.shared
-        exact_norm = k == n_routed_segments
+        # Normalized top-k weights times (M - S): each weight is exactly 1 while the scores are
+        # tied, and a drift of all scores together (routers move fast under Adam) cancels out,
+        # unlike sigmoid(0) x 2, which scales every expert with the drift.
         kw = dict(moe_intermediate_size=inter // cfg.segments, n_shared_experts=cfg.shared, n_routed_experts=E,
                   num_experts_per_tok=k, n_group=1, topk_group=1, first_k_dense_replace=len(dense),
-                  norm_topk_prob=not exact_norm, routed_scaling_factor=2.0 if exact_norm else float(n_routed_segments),
+                  norm_topk_prob=True, routed_scaling_factor=float(n_routed_segments),
                   attention_bias=family == "qwen2", use_qk_norm=family == "qwen3", num_nextn_predict_layers=0)
     out = CONFIG_MAPPING[target](**base, **kw).to_dict()
     out["architectures"] = [_CLASS[target]]

@@ -84,6 +84,10 @@ class TrainConfig(_Strict):
     tensorboard: bool = True
     moe_balance_coef: float = Field(0.01, ge=0, description="MoE models: weight of the expert load-balancing loss")
     moe_z_coef: float = Field(0.001, ge=0, description="MoE models: weight of the router z-loss")
+    moe_router_lr_scale: float = Field(
+        0.01, gt=0, description="MoE models: routers train at lr x this. Fine-grained experts are different parts "
+        "of the FFN, so routing weights drifting from 1 distort it; Adam moves every router weight by ~lr per step",
+    )
     moe_bias_rate: float = Field(
         0.001, ge=0, description="MoE models with a correction bias (Glm4-MoE): aux-loss-free balancing step "
         "(DeepSeek-V3); 0 keeps the bias fixed",

@@ -81,6 +81,20 @@ def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | No
     return load_model(model_dir, **kwargs)
 
 
+def _param_groups(cfg: TrainConfig, trained: dict, monitor) -> list[dict]:
+    """One group, or two for MoE models: routers at lr x moe_router_lr_scale."""
+    if not monitor:
+        return [{"params": list(trained.values())}]
+    from lmexpand.train.moe import is_router_weight
+
+    routers = [p for n, p in trained.items() if is_router_weight(n)]
+    rest = [p for n, p in trained.items() if not is_router_weight(n)]
+    groups = [{"params": rest}] if rest else []
+    if routers:
+        groups.append({"params": routers, "lr": cfg.lr * cfg.moe_router_lr_scale})
+    return groups
+
+
 def _optimizer(cfg: TrainConfig, params: list):
     import torch
 
@@ -157,7 +171,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # state that training changes besides parameters: MoE correction biases (balancing)
     buffers = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")} if monitor else {}
 
-    optimizer = _optimizer(cfg, params)
+    optimizer = _optimizer(cfg, _param_groups(cfg, trained, monitor))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     loss_model = CausalLMLoss(model, cfg.loss_chunk)
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would

@@ -59,6 +59,10 @@ def piece_of(value: torch.Tensor, piece: tuple[str, int] | None) -> torch.Tensor
     return value[e, :half] if kind == "gate" else value[e, half:]
 
 
+def is_router_weight(param_name: str) -> bool:
+    return param_name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
+
+
 def is_router(name: str, module: nn.Module) -> bool:
     return name.endswith((".mlp.gate", ".block_sparse_moe.gate")) or type(module).__name__.lower().endswith("router")
 
