@@ -360,5 +360,4 @@ def _config(base: _Model, sources: list[tuple[_Model, int]], family) -> dict[str
                                       f"({m.reader.num_layers}); fix the config.")
                 values.append(lst[k])
             out[key] = values
-    # a model with per-layer windows (e.g. max_window_layers) keeps its meaning only for the base
     return out
