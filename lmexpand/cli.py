@@ -482,6 +482,44 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
     click.echo(str(path))
 
 
+@cli.command(context_settings=_CONTEXT)
+@click.argument("source")
+@click.option("--values", type=click.Choice(["new", "all", "none"]), default="new", show_default=True,
+              help="Which tensors to scan for NaN/Inf: those lmexpand.json lists as new, all, or none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def verify(source: str, values: str, as_json: bool) -> None:
+    """Check a model directory: shard sha256 against lmexpand.json, tensors against the config.
+
+    Recomputes the sha256 of every weight file lmexpand recorded when it wrote SOURCE;
+    checks that the tensor names and shapes are exactly what the config's architecture
+    expects (built on the meta device, nothing allocated); scans the new tensors (or all)
+    for NaN/Inf. Exit code 0 when all pass, 2 with the list of problems otherwise.
+
+    \b
+    Example:
+      lmexpand verify out/pro
+    """
+    from dataclasses import asdict
+
+    from lmexpand.checkpoint.sources import open_source
+    from lmexpand.checkpoint.verify import human_report
+    from lmexpand.checkpoint.verify import verify as run_verify
+    from lmexpand.errors import CheckpointError
+
+    with open_source(source, need_family=False) as reader:
+        path = reader.path
+    report = run_verify(path, values=values)
+    if as_json:
+        click.echo(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        for line in human_report(report):
+            click.echo(line)
+    if not report.ok:
+        raise CheckpointError(
+            f"{path}: {len(report.problems)} problem(s), first: {report.problems[0]}. The directory is damaged "
+            "or was modified after lmexpand wrote it: restore it or re-run the step that wrote it.")
+
+
 # -- run --------------------------------------------------------------------------------
 @cli.command(context_settings=_CONTEXT)
 @click.argument("recipe", type=click.Path(dir_okay=False))

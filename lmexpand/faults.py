@@ -1,15 +1,36 @@
-"""Fault injection for the crash tests.
+"""Fault injection for the crash and I/O-error tests.
 
 ``LMEXPAND_KILL_AT=point`` makes the process SIGKILL itself when it reaches ``point``,
-leaving exactly what an external ``kill -9`` would. Unset, a kill point costs one lookup.
+leaving exactly what an external ``kill -9`` would. ``LMEXPAND_FAULT=ERRNO@BYTES`` (e.g.
+``ENOSPC@1000000`` or ``EIO@0``) makes the checkpoint writer's next write fail with that
+error once the process has written ``BYTES`` bytes, as a full or failing disk would.
+Unset, each check costs one dictionary lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+
+_written = 0
 
 
 def kill_point(point: str) -> None:
     if os.environ.get("LMEXPAND_KILL_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def io_fault(nbytes: int) -> None:
+    """Called by the writer before writing ``nbytes``; raises the configured error."""
+    global _written
+    spec = os.environ.get("LMEXPAND_FAULT")
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    code = getattr(errno, name, None)
+    if not isinstance(code, int):
+        raise ValueError(f"LMEXPAND_FAULT={spec!r}: unknown errno name {name!r}")
+    if _written + nbytes > int(at or 0):
+        raise OSError(code, os.strerror(code))
+    _written += nbytes

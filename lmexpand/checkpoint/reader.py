@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from lmexpand.checkpoint.families import Family, detect_family
+from lmexpand.checkpoint.limits import check_config_sizes
 from lmexpand.checkpoint.safetensors_format import TensorInfo, read_header
 from lmexpand.errors import CheckpointError, SourceError
 
@@ -65,12 +66,9 @@ def _load_json(path: Path, what: str) -> Any:
         raise SourceError(f"{path}: cannot read {what} ({e}). Fix or re-download the file.") from None
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+def _plain_name(name: Any) -> bool:
+    """A file name with no directory part: what an index may name as a shard."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _content_sample(path: Path, blocks: int = 16, size: int = 4096) -> bytes:
@@ -105,6 +103,7 @@ class CheckpointReader:
         self.config: dict[str, Any] = _load_json(config_path, "config.json")
         if not isinstance(self.config, dict):
             raise SourceError(f"{config_path}: config must be a JSON object.")
+        check_config_sizes(self.config, str(config_path))
         self.family: Family | None = detect_family(self.config, str(config_path)) if need_family else None
         self.is_pickle = False
         self.weight_files: list[Path] = []
@@ -148,7 +147,9 @@ class CheckpointReader:
         tensors: dict[str, TensorInfo] = {}
         for shard_name in shard_names:
             shard = self.path / str(shard_name)
-            if not _inside(shard, self.path) or "/" in str(shard_name) or "\\" in str(shard_name):
+            # names are checked as written, not resolved: a shard may be a symlink (the
+            # Hugging Face hub cache links snapshot files to its blob store)
+            if not _plain_name(shard_name):
                 raise CheckpointError(
                     f"{index_path}: shard {shard_name!r} lies outside the model directory; "
                     "refusing a hostile or broken index. Shard names must be plain file names."
@@ -181,7 +182,7 @@ class CheckpointReader:
         self._pickled: dict[str, "torch.Tensor"] = {}
         tensors: dict[str, TensorInfo] = {}
         for f in files:
-            if not _inside(f, self.path) or not f.is_file():
+            if not _plain_name(f.name) or f.parent != self.path or not f.is_file():
                 raise CheckpointError(f"{f}: pickle shard missing or outside {self.path}.")
             try:
                 state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)

@@ -12,22 +12,29 @@ shard's safetensors header is written first and the values are streamed in after
 Output goes into a temporary directory beside the target, every file is fsynced, and the
 directory is renamed into place only when complete: a crash or a full disk never leaves a
 target that looks complete but is not.
+
+Every shard's sha256 is computed while it is written, by a thread that reads the new file
+just behind the writer (from the page cache; the copy itself stays in the kernel), and
+recorded in ``lmexpand.json`` under ``"shards"`` when the output has one.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
 
-from lmexpand.checkpoint.reader import INDEX_FILE, SINGLE_FILE, st_dtype_of
+from lmexpand.checkpoint.reader import INDEX_FILE, LINEAGE_FILE, SINGLE_FILE, st_dtype_of
 from lmexpand.checkpoint.safetensors_format import TensorInfo, TensorSlot, alignment_order, encode_header
 from lmexpand.errors import CheckpointError, DiskFullError, TargetError
+from lmexpand.faults import io_fault, kill_point
 from lmexpand.progress import byte_progress
 from lmexpand.units import human_bytes
 
@@ -77,6 +84,7 @@ class OutputTensor:
 # -- low-level I/O (module functions so fault-injection tests can replace them) ------------
 def _write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data).cast("B")
+    io_fault(len(view))
     while view:
         n = os.write(fd, view)
         view = view[n:]
@@ -85,6 +93,7 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position."""
     remaining = count
+    io_fault(count)
     try:
         while remaining:
             n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), offset)
@@ -103,6 +112,83 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         _write_all(dst_fd, data)
         offset += len(data)
         remaining -= len(data)
+
+
+class _ShardHasher:
+    """sha256 of a file being written, by a thread reading just behind the writer.
+
+    The writer calls :meth:`advance` with the length written so far (never past a hole
+    that no later write has closed) and :meth:`finish` with the final size.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._sha = hashlib.sha256()
+        self._done = 0
+        self._target = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="lmexpand-sha256", daemon=True)
+        self._thread.start()
+
+    def advance(self, upto: int) -> None:
+        with self._cond:
+            self._target = max(self._target, upto)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with self._cond:
+                    while self._target <= self._done and not self._closed:
+                        self._cond.wait()
+                    upto, closed = self._target, self._closed
+                while self._done < upto:
+                    n = os.preadv(self._fd, [view[: min(_HASH_CHUNK, upto - self._done)]], self._done)
+                    if n == 0:
+                        raise CheckpointError("a shard got shorter while it was being hashed")
+                    self._sha.update(view[:n])
+                    self._done += n
+                if closed and self._done >= self._target:
+                    return
+        except BaseException as e:  # reported by finish()
+            self._error = e
+
+    def finish(self, size: int) -> str:
+        with self._cond:
+            self._target = size
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        return self._sha.hexdigest()
+
+    def abandon(self) -> None:
+        with self._cond:
+            self._target = self._done
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
+
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file (what ``sha256sum`` prints)."""
+    sha = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            sha.update(view[:n])
+    return sha.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -163,6 +249,12 @@ def clean_stale_partials(target: Path) -> None:
     parent = target.parent
     if not parent.is_dir():
         return
+    for p in parent.glob(f".{target.name}{_OLD}*"):
+        # a run killed between moving the old output aside and moving the new one in
+        pid_text = p.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)) and not target.exists():
+            log.warning("restoring %s from %s (an interrupted run had moved it aside)", target, p.name)
+            os.rename(p, target)
     for marker in (_PARTIAL, _OLD):
         for p in parent.glob(f".{target.name}{marker}*"):
             pid_text = p.name.rsplit("-", 1)[-1]
@@ -226,12 +318,17 @@ def _tensor_bytes(out: OutputTensor) -> memoryview:
 
 
 def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Producer],
-                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> None:
+                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> str:
+    """Write one shard; returns its sha256."""
     header, _ = encode_header(slots, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    hasher = _ShardHasher(path)
+    written = 0
     try:
         _write_all(fd, header)
-        for slot in slots:
+        written = len(header)
+        hasher.advance(written)
+        for i, slot in enumerate(slots):
             producer = producers[slot.name]
             if isinstance(producer, RawCopy):
                 info = producer.info
@@ -240,15 +337,27 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
                 if info.nbytes != slot.nbytes or info.dtype != slot.dtype:
                     raise CheckpointError(f"{slot.name}: raw copy of {info.name} does not match the output slot")
                 _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes)
+                written = os.lseek(fd, 0, os.SEEK_CUR)
+                hasher.advance(written)
             elif isinstance(producer, Zeros):
                 # a hole: reads as zeros, costs no write (the final ftruncate fixes the length)
                 os.lseek(fd, slot.nbytes, os.SEEK_CUR)
             else:
                 _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
+                written = os.lseek(fd, 0, os.SEEK_CUR)
+                hasher.advance(written)
             advance(slot.nbytes)
-        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+            if i == len(slots) // 2:
+                kill_point(f"write:mid-shard:{path.name}")
+        size = os.lseek(fd, 0, os.SEEK_CUR)
+        os.ftruncate(fd, size)
         os.fsync(fd)
+        digest = hasher.finish(size)
+        hasher = None
+        return digest
     finally:
+        if hasher is not None:
+            hasher.abandon()
         os.close(fd)
 
 
@@ -299,9 +408,16 @@ def write_checkpoint(
     src_files = _SourceFiles()
     try:
         tmp.mkdir()
+        digests: dict[str, dict[str, object]] = {}
         with byte_progress(total, description) as advance:
             for filename, slots in zip(filenames, shards):
-                _write_shard(tmp / filename, slots, producers, meta, src_files, advance)
+                digest = _write_shard(tmp / filename, slots, producers, meta, src_files, advance)
+                digests[filename] = {"sha256": digest, "bytes": (tmp / filename).stat().st_size}
+                kill_point(f"write:after-shard:{filename}")
+        if isinstance(files.get(LINEAGE_FILE), bytes):
+            lineage = json.loads(files[LINEAGE_FILE])
+            lineage["shards"] = digests
+            files[LINEAGE_FILE] = (json.dumps(lineage, indent=2) + "\n").encode()
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total},
@@ -320,6 +436,7 @@ def write_checkpoint(
             else:
                 shutil.copyfile(content, dest)
         _fsync_dir(tmp)
+        kill_point("write:before-rename")
         _move_into_place(tmp, resolved)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,15 +458,45 @@ def write_checkpoint(
     return resolved
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}{_OLD}{os.getpid()}"
-        os.rename(target, old)
+    """Rename the finished ``tmp`` to ``target``. An existing target is swapped out
+    atomically where the system allows, so at every instant ``target`` is either the old
+    complete output or the new one; elsewhere it is renamed aside first, and a killed run's
+    aside copy is put back by the next run (:func:`clean_stale_partials`)."""
+    if not target.exists():
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        return
+    if _exchange(tmp, target):
+        _fsync_dir(target.parent)
+        kill_point("write:after-swap")
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+        return
+    old = target.parent / f".{target.name}{_OLD}{os.getpid()}"
+    os.rename(target, old)
+    kill_point("write:between-renames")
     os.rename(tmp, target)
     _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_checkpoint(reader, target: str | Path, **kwargs) -> Path:

@@ -62,6 +62,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = False
     lean_mlp: bool = Field(True, description="SwiGLU MLPs keep 2 of 3 activations for backward (recompute silu)")
+    verify_hashes: bool = Field(
+        True, description="check the model's shards against the sha256 recorded in lmexpand.json before loading "
+        "(one read of the weights); --no-verify-hashes skips it",
+    )
     load_in_4bit: bool = Field(False, description="frozen base in 4-bit NF4 (bitsandbytes); trained tensors stay full precision")
     trainable: Literal["new", "all", "none"] | list[str] = Field(
         "new", description="'new' (lmexpand.json's new_parameters), 'all' (full fine-tuning), 'none' (with lora), or globs"

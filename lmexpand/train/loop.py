@@ -44,10 +44,11 @@ def lr_lambda(cfg: TrainConfig):
 
 def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | None:
     """Decide where a resume starts; refuse to mix runs silently. Deletes nothing."""
-    from lmexpand.train.state import latest_checkpoint
+    from lmexpand.train.state import clean_stale_checkpoint_partials, latest_checkpoint
 
     run_dir = cfg.out
     if resume:
+        clean_stale_checkpoint_partials(run_dir)
         ckpt = Path(resume) if isinstance(resume, Path) else latest_checkpoint(run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from (looked in {run_dir}/checkpoints).")
@@ -123,6 +124,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # ---- setup: everything that can fail on bad input fails here, before any write ----
     model_dir = resolve_source(cfg.model)
     reader = CheckpointReader(model_dir, need_family=False)  # any architecture the lineage names
+    if cfg.verify_hashes:
+        from lmexpand.checkpoint.verify import require_intact
+
+        require_intact(model_dir)
     max_pos = reader.config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lmexpand.errors import ConfigError
+from lmexpand.faults import kill_point
 
 log = logging.getLogger("lmexpand")
 
@@ -32,6 +33,16 @@ class TrainState:
     blocks: int = 0  # data position: global index of the next block
     model_fingerprint: str = ""
     data_fingerprint: str = ""
+
+
+def clean_stale_checkpoint_partials(run_dir: Path) -> None:
+    """Remove the half-written checkpoints of killed runs (their process is gone)."""
+    from lmexpand.checkpoint.writer import _pid_alive
+
+    for p in checkpoint_dir(run_dir).glob(".step-*.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -82,10 +93,15 @@ def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng(tmp)
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+        kill_point("train:checkpoint-files-written")
+        from lmexpand.checkpoint.writer import sha256_file
+
+        hashes = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "sha256": hashes}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        kill_point("train:checkpoint-before-rename")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -104,7 +120,17 @@ def load_checkpoint(path: Path, state: TrainState, trainable: dict[str, torch.Te
 
     if not (path / "state.json").is_file():
         raise ConfigError(f"{path}: not an lmexpand training checkpoint (no state.json).")
-    saved = TrainState(**json.loads((path / "state.json").read_text()))
+    record = json.loads((path / "state.json").read_text())
+    hashes = record.pop("sha256", {})
+    from lmexpand.checkpoint.writer import sha256_file
+
+    for name, digest in hashes.items():
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise ConfigError(
+                f"{path}: {name} is missing or does not match the sha256 recorded when it was saved; the "
+                "checkpoint is damaged. Resume from an earlier one (--resume RUN/checkpoints/step-N) or delete it."
+            )
+    saved = TrainState(**record)
     if saved.model_fingerprint != state.model_fingerprint:
         raise ConfigError(
             f"{path}: this checkpoint was made from another model (fingerprint {saved.model_fingerprint[:12]} "

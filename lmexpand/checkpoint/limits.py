@@ -1,0 +1,50 @@
+"""Limits on the sizes a config may ask for.
+
+A config is read before anything is built from it; sizes beyond these are not a model
+anyone can hold, so a config asking for them (corrupted or hostile) is refused before a
+loop or an allocation follows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lmexpand.errors import SourceError
+
+# Sizes beyond these are not a model anyone can hold; a config asking for them is refused
+# before anything is built from it (a hostile or corrupted config.json).
+SIZE_LIMITS: Mapping[str, int] = {
+    "num_hidden_layers": 10_000,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 24,
+    "moe_intermediate_size": 1 << 24,
+    "vocab_size": 1 << 24,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 16,
+    "num_local_experts": 1 << 16,
+    "num_experts": 1 << 16,
+    "n_routed_experts": 1 << 16,
+    "n_shared_experts": 1 << 16,
+    "max_position_embeddings": 1 << 31,
+}
+
+
+def check_config_sizes(config: Mapping[str, Any], where: str) -> None:
+    """Refuse absurd sizes (non-integers, negatives, beyond :data:`SIZE_LIMITS`) before any
+    allocation or loop over them."""
+    sections = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, Mapping)]
+    for section in sections:
+        for key, limit in SIZE_LIMITS.items():
+            if key not in section or section[key] is None:
+                continue
+            value = section[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SourceError(f"{where}: {key} = {value!r} is not a non-negative integer; the config is "
+                                  "broken. Fix config.json or re-download the model.")
+            if value > limit:
+                raise SourceError(f"{where}: {key} = {value:,} is absurd (at most {limit:,} is accepted); the "
+                                  "config is corrupted or hostile. Refusing it before building anything: fix "
+                                  "config.json or re-download the model.")
+
+
