@@ -1,7 +1,10 @@
 """YAML recipes: one file describes a job, section by section (surgery, train, eval, export).
 
 Relative paths in a recipe are relative to the recipe file, so a recipe and its data can
-move together; embedded model names (smollm2-135m) stay names.
+move together; embedded model names (smollm2-135m) stay names. A relative path that stays
+inside the recipe's directory as written must stay inside it once symlinks are followed:
+a link planted beside a recipe cannot send its reads or writes elsewhere (absolute paths
+and paths written with ``..`` say where they go, and are taken as given).
 """
 
 from __future__ import annotations
@@ -29,8 +32,21 @@ def _resolve(base: Path, value: Any) -> Any:
     from lmexpand.checkpoint.sources import EMBEDDED
 
     if isinstance(value, str) and value not in EMBEDDED and not Path(value).is_absolute():
-        return os.path.normpath(base / value)
+        lexical = os.path.normpath(base / value)
+        if _inside(lexical, str(base)):
+            real = os.path.realpath(lexical)
+            if not _inside(real, os.path.realpath(base)):
+                raise ConfigError(
+                    f"recipe path {value!r} resolves through a symlink to {real}, outside the recipe's directory "
+                    f"{base}. Relative paths in a recipe must stay inside its directory; write the absolute path "
+                    "in the recipe if that location is meant."
+                )
+        return lexical
     return value
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def load_recipe(path: Path) -> dict[str, Any]:

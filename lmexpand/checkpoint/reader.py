@@ -102,7 +102,7 @@ class CheckpointReader:
             )
         self.config: dict[str, Any] = _load_json(config_path, "config.json")
         if not isinstance(self.config, dict):
-            raise SourceError(f"{config_path}: config must be a JSON object.")
+            raise SourceError(f"{config_path}: config must be a JSON object. Fix config.json or re-download the model.")
         check_config_sizes(self.config, str(config_path))
         self.family: Family | None = detect_family(self.config, str(config_path)) if need_family else None
         self.is_pickle = False

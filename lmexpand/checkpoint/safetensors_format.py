@@ -71,7 +71,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except ValueError as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}).") from None
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}). "
+                              "The file is damaged: re-download or re-create it.") from None
 
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, LmexpandError
 from lmexpand.train.config import DataSource
 
 if TYPE_CHECKING:
@@ -72,6 +72,30 @@ def _check_jsonl_fields(src: DataSource) -> None:
             f"data: {src.path}: records have no field {missing[0]!r} (needed by {what}). "
             f"Fields present: {', '.join(record)}. Use --text-field NAME or --template."
         )
+
+
+def _data_error(src: DataSource, error: Exception) -> ConfigError:
+    """A readable error for a corpus that failed while being read: the first bad line of a
+    JSONL file (not JSON, not an object, or without the needed field), else the reader's error."""
+    if src.kind != "text":
+        needed = _template_fields(src.template) if src.template else [src.field]
+        with open(src.path, encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    return ConfigError(f"data: {src.path}:{line_no}: not valid JSON ({e}). Fix or remove that line.")
+                if not isinstance(record, dict):
+                    return ConfigError(f"data: {src.path}:{line_no}: each line must be a JSON object.")
+                missing = [k for k in needed if k not in record]
+                if missing:
+                    return ConfigError(f"data: {src.path}:{line_no}: the record has no field {missing[0]!r}. "
+                                       "Fix that line, or use a template/field every record has.")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"data: {src.path}: cannot be read ({type(error).__name__}: {first}). "
+                       "Check that the file is UTF-8 text or JSON lines.")
 
 
 def fingerprint_sources(sources: Sequence[DataSource]) -> str:
@@ -208,13 +232,18 @@ def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: 
 
     def documents(split: str, streaming_: bool) -> Iterator[list[int]]:
         for si, src in enumerate(sources):
-            ds = _dataset(src, streaming_)
-            ds = ds.map(lambda r, idx: {"is_val": _in_validation(idx, si, val_fraction, seed)}, with_indices=True)
-            ds = ds.filter(lambda r: bool(r["text"]) and r["is_val"] == (split == "val"))
-            ds = ds.map(lambda batch, src=src: {"ids": _tokenize(tokenizer, batch["text"], src.loss_from)},
-                        batched=True, remove_columns=[c for c in ["text", "is_val"]])
-            for record in ds:
-                yield record["ids"]
+            try:
+                ds = _dataset(src, streaming_)
+                ds = ds.map(lambda r, idx: {"is_val": _in_validation(idx, si, val_fraction, seed)}, with_indices=True)
+                ds = ds.filter(lambda r: bool(r["text"]) and r["is_val"] == (split == "val"))
+                ds = ds.map(lambda batch, src=src: {"ids": _tokenize(tokenizer, batch["text"], src.loss_from)},
+                            batched=True, remove_columns=[c for c in ["text", "is_val"]])
+                for record in ds:
+                    yield record["ids"]
+            except LmexpandError:
+                raise
+            except Exception as e:  # datasets/pyarrow/format errors deep in a corpus: say which line
+                raise _data_error(src, e) from None
 
     val = list(blocks_of(documents("val", streaming), seq_len, eos)) if val_fraction > 0 else []
     if streaming:

@@ -51,7 +51,8 @@ def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | 
         clean_stale_checkpoint_partials(run_dir)
         ckpt = Path(resume) if isinstance(resume, Path) else latest_checkpoint(run_dir)
         if ckpt is None:
-            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from (looked in {run_dir}/checkpoints).")
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from (looked in {run_dir}/checkpoints). "
+                              "Run without --resume to start it.")
         return ckpt
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
@@ -130,7 +131,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         require_intact(model_dir)
     max_pos = reader.config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}). "
+                          f"Use --seq-len {max_pos} or less.")
     resume_from = _resume_point(cfg, resume, force)
 
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())

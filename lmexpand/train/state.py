@@ -120,8 +120,15 @@ def load_checkpoint(path: Path, state: TrainState, trainable: dict[str, torch.Te
 
     if not (path / "state.json").is_file():
         raise ConfigError(f"{path}: not an lmexpand training checkpoint (no state.json).")
-    record = json.loads((path / "state.json").read_text())
-    hashes = record.pop("sha256", {})
+    try:
+        record = json.loads((path / "state.json").read_text())
+        hashes = record.pop("sha256", {})
+        TrainState(**record)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"{path}/state.json: not a training state this lmexpand wrote ({e}). Resume from another checkpoint "
+            "(--resume RUN/checkpoints/step-N) or start a new run directory."
+        ) from None
     from lmexpand.checkpoint.writer import sha256_file
 
     for name, digest in hashes.items():

@@ -1,0 +1,405 @@
+"""The bad-input catalogue: every case through the CLI (or a recipe), one at a time.
+
+Each case asserts: exit code 2, a message on stderr that starts with ``error:`` (or
+click's ``Error:`` for usage errors), is one paragraph, names the problem (the needles) and
+says what to do; no Python traceback; and nothing written anywhere under the test's
+directory (inputs included). ``docs/errors.md`` lists every case with the message it gets;
+regenerate it with ``.venv/bin/python -m tests.test_bad_inputs`` after adding a case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.conftest import GSM8K_TRAIN, REPO
+
+TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+
+@dataclass
+class Ctx:
+    root: Path          # everything a case may touch lives here (snapshot before/after)
+    tiny: Path          # a tiny Llama (no lineage)
+    pro: Path           # the tiny Llama + 2 LLaMA-Pro blocks (with lmexpand.json)
+    qwen: Path          # a tiny Qwen2 with another vocabulary size
+    data: Path          # 60 GSM8K problems (JSONL)
+    out: Path           # an output path that does not exist
+
+    def model_copy(self, name: str, src: Path | None = None) -> Path:
+        dst = self.root / "inputs" / name
+        if not dst.exists():
+            shutil.copytree(src or self.tiny, dst)
+        return dst
+
+    def file(self, name: str, text: str) -> Path:
+        p = self.root / "inputs" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        return p
+
+
+@dataclass
+class Case:
+    id: str
+    what: str
+    argv: Callable[[Ctx], list]
+    needles: tuple[str, ...]
+
+
+def _edit_config(d: Path, **changes) -> Path:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _train(ctx: Ctx, model, data=None, *extra) -> list:
+    return ["train", "--model", model, "--data", data or ctx.data, "--template", TEMPLATE, "--out", ctx.out,
+            "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--no-tensorboard",
+            *extra]
+
+
+def _recipe(ctx: Ctx, name: str, doc: dict | str) -> Path:
+    import yaml
+
+    text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
+    return ctx.file(f"{name}/r.yaml", text)
+
+
+def _index(ctx: Ctx, name: str, weight_map: dict) -> Path:
+    d = ctx.model_copy(name)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def _truncated(ctx: Ctx) -> Path:
+    d = ctx.model_copy("truncated")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    return d
+
+
+def _bad_header(ctx: Ctx) -> Path:
+    d = ctx.model_copy("bad-header")
+    body = b"{not json"
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    return d
+
+
+def _no_layer_tensor(ctx: Ctx) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = ctx.model_copy("missing-tensor")
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def _corrupted_pro(ctx: Ctx) -> Path:
+    d = ctx.root / "inputs" / "corrupted-pro"
+    if d.exists():
+        return d
+    d = ctx.model_copy("corrupted-pro", ctx.pro)
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return d
+
+
+def _foreign_checkpoint(ctx: Ctx) -> Path:
+    """A run dir whose checkpoint came from another model (fingerprint differs)."""
+    run = ctx.root / "inputs" / "foreign-run"
+    ckpt = run / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "tokens": 128, "blocks": 4,
+                                                 "model_fingerprint": "0" * 64, "data_fingerprint": "0" * 64}))
+    return run
+
+
+def _symlink_recipe(ctx: Ctx) -> Path:
+    base = ctx.root / "inputs" / "symlink-recipe"
+    base.mkdir(parents=True, exist_ok=True)
+    link = base / "data.jsonl"
+    if not link.exists():
+        link.symlink_to(ctx.data)  # points outside the recipe's directory
+    return _recipe(ctx, "symlink-recipe", {"train": {"model": str(ctx.pro), "data": [{"path": "data.jsonl",
+                                                                                       "template": TEMPLATE}]}})
+
+
+CASES: list[Case] = [
+    # -- the command line ------------------------------------------------------------
+    Case("unknown-command", "a command that does not exist", lambda c: ["frobnicate"], ("No such command",)),
+    Case("unknown-surgery", "a surgery method that does not exist",
+         lambda c: ["surgery", "llama-max", c.tiny, c.out], ("No such command", "llama-max")),
+    Case("unknown-option", "a misspelled option", lambda c: ["surgery", "llama-pro", c.tiny, c.out, "--adds", "2"],
+         ("--adds",)),
+    Case("bad-size", "an unparseable size", lambda c: ["surgery", "llama-pro", c.tiny, c.out, "--add", "1",
+                                                       "--max-shard-size", "5 gigs"], ("--max-shard-size", "5 gigs")),
+    # -- sources ---------------------------------------------------------------------
+    Case("source-missing", "a source path that does not exist",
+         lambda c: ["surgery", "llama-pro", c.root / "nope", c.out, "--add", "1"], ("no such file",)),
+    Case("source-is-file", "a file given as the source",
+         lambda c: ["inspect", c.tiny / "config.json"], ("not a directory",)),
+    Case("no-config", "a directory without config.json",
+         lambda c: ["inspect", c.file("empty/readme.txt", "x").parent], ("no config.json",)),
+    Case("config-not-json", "config.json that is not JSON",
+         lambda c: ["inspect", (lambda d: ((d / "config.json").write_text("{oops"), d)[1])(c.model_copy("cfg-bad"))],
+         ("config.json", "cannot read")),
+    Case("config-not-object", "config.json holding a list",
+         lambda c: ["inspect", (lambda d: ((d / "config.json").write_text("[1, 2]"), d)[1])(c.model_copy("cfg-list"))],
+         ("JSON object",)),
+    Case("no-weights", "a config but no weight files",
+         lambda c: ["inspect", (lambda d: ((d / "model.safetensors").unlink(), d)[1])(c.model_copy("no-weights"))],
+         ("no weights",)),
+    Case("pickle-only", "only pytorch_model.bin, without --allow-pickle",
+         lambda c: ["surgery", "llama-pro", (lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin"), d)[1])(
+             c.model_copy("pickle")), c.out, "--add", "1"], ("pickle", "--allow-pickle")),
+    Case("unsupported-architecture", "an architecture no surgery supports",
+         lambda c: ["surgery", "llama-pro", _edit_config(c.model_copy("bert"), architectures=["BertModel"],
+                                                          model_type="bert"), c.out, "--add", "1"], ("bert",)),
+    Case("already-moe", "a source that is already a mixture of experts",
+         lambda c: ["surgery", "llama-pro", _edit_config(c.model_copy("moe-cfg"), num_local_experts=8, model_type="mixtral",
+                                                          architectures=["MixtralForCausalLM"]), c.out,
+                    "--add", "1"], ("num_local_experts",)),
+    Case("absurd-layers", "config.json with 10^12 layers",
+         lambda c: ["surgery", "llama-pro", _edit_config(c.model_copy("absurd"), num_hidden_layers=10**12), c.out,
+                    "--add", "1"], ("num_hidden_layers", "absurd")),
+    Case("size-not-integer", "config.json with a size that is not an integer",
+         lambda c: ["inspect", _edit_config(c.model_copy("str-size"), hidden_size="big")], ("hidden_size", "'big'")),
+    Case("hostile-index", "an index mapping a tensor to a file outside the directory",
+         lambda c: ["inspect", _index(c, "hostile", {"model.embed_tokens.weight": "../../outside.safetensors"})],
+         ("outside the model directory",)),
+    Case("index-absolute", "an index naming an absolute path",
+         lambda c: ["inspect", _index(c, "absolute", {"model.embed_tokens.weight": "/etc/passwd"})],
+         ("outside the model directory",)),
+    Case("index-missing-shard", "an index naming a shard that is not there",
+         lambda c: ["inspect", _index(c, "missing-shard", {"model.embed_tokens.weight": "model-00009.safetensors"})],
+         ("missing", "model-00009.safetensors")),
+    Case("truncated-shard", "a weight file cut short", lambda c: ["inspect", _truncated(c)], ("truncated",)),
+    Case("bad-header", "a safetensors file with a garbage header", lambda c: ["inspect", _bad_header(c)],
+         ("header",)),
+    Case("missing-layer-tensor", "a layer tensor missing from the weights",
+         lambda c: ["surgery", "llama-pro", _no_layer_tensor(c), c.out, "--add", "1"],
+         ("model.layers.1.mlp.up_proj.weight",)),
+    # -- surgery arguments -----------------------------------------------------------
+    Case("llama-pro-add-zero", "llama-pro --add 0", lambda c: ["surgery", "llama-pro", c.tiny, c.out, "--add", "0"],
+         ("--add",)),
+    Case("llama-pro-position-range", "llama-pro --positions beyond the last layer",
+         lambda c: ["surgery", "llama-pro", c.tiny, c.out, "--positions", "99"], ("99",)),
+    Case("upscale-drop-too-many", "upscale --drop of half the layers or more",
+         lambda c: ["surgery", "upscale", c.tiny, c.out, "--drop", "2"], ("--drop",)),
+    Case("upscale-bad-slices", "upscale --slices that are not ranges",
+         lambda c: ["surgery", "upscale", c.tiny, c.out, "--slices", "0-2,x"], ("--slices", "'x'")),
+    Case("moe-top-k", "moe --top-k above the number of experts",
+         lambda c: ["surgery", "moe", c.tiny, c.out, "--experts", "2", "--top-k", "3"], ("--top-k",)),
+    Case("moe-segments", "moe --segments that do not divide the FFN",
+         lambda c: ["surgery", "moe", c.tiny, c.out, "--segments", "7"], ("--segments",)),
+    Case("calm-one-source", "calm with one source instead of two",
+         lambda c: ["surgery", "calm", c.tiny, c.out], ("calm",)),
+    Case("calm-vocab", "calm with models of different vocabularies",
+         lambda c: ["surgery", "calm", c.tiny, c.qwen, c.out, "--every", "1"], ("vocab",)),
+    # -- output targets --------------------------------------------------------------
+    Case("target-inside-source", "an output directory inside the source",
+         lambda c: ["surgery", "llama-pro", c.tiny, c.tiny / "sub", "--add", "1"], ("inside the source",)),
+    Case("target-not-empty", "an existing non-empty output without --force",
+         lambda c: ["surgery", "llama-pro", c.tiny, c.file("taken/x.txt", "x").parent, "--add", "1"],
+         ("not empty", "--force")),
+    Case("target-is-file", "an output path that is a file",
+         lambda c: ["surgery", "llama-pro", c.tiny, c.file("a-file", "x"), "--add", "1"], ("is a file",)),
+    # -- training --------------------------------------------------------------------
+    Case("train-data-missing", "a data file that does not exist",
+         lambda c: _train(c, c.pro, c.root / "nope.jsonl"), ("nope.jsonl",)),
+    Case("train-empty-corpus", "an empty data file", lambda c: _train(c, c.pro, c.file("empty.jsonl", "")),
+         ("empty",)),
+    Case("train-missing-field", "JSON lines without the template's field",
+         lambda c: _train(c, c.pro, c.file("nofield.jsonl", '{"text": "a"}\n' * 20)), ("question",)),
+    Case("train-bad-jsonl", "a data line that is not JSON",
+         lambda c: _train(c, c.pro, c.file("broken.jsonl", '{"question": "a", "answer": "b"}\n{oops\n')),
+         ("broken.jsonl",)),
+    Case("train-seq-len", "seq_len above the model's max positions",
+         lambda c: _train(c, c.pro, None, "--seq-len", "100000"), ("max_position_embeddings",)),
+    Case("train-no-lineage", "a model without lmexpand.json and no --trainable",
+         lambda c: _train(c, c.tiny), ("lmexpand.json", "--trainable")),
+    Case("train-nothing-trainable", "--trainable globs that match nothing",
+         lambda c: _train(c, c.pro, None, "--trainable", "nomatch.*"), ("nomatch.*",)),
+    Case("train-bad-lr", "a negative learning rate", lambda c: _train(c, c.pro, None, "--lr", "-1"), ("lr",)),
+    Case("train-out-not-empty", "a run directory in use, without --resume or --force",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", TEMPLATE,
+                    "--out", c.file("busy/x.txt", "x").parent, "--seq-len", "32"], ("--resume", "--force")),
+    Case("train-resume-nothing", "--resume where no checkpoint exists",
+         lambda c: _train(c, c.pro, None, "--resume"), ("no checkpoint",)),
+    Case("train-resume-foreign", "--resume from a checkpoint of another model",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", TEMPLATE, "--out",
+                    _foreign_checkpoint(c), "--seq-len", "32", "--resume", "--no-tensorboard"], ("another model",)),
+    Case("train-corrupted-shard", "a model whose shard no longer matches its recorded sha256",
+         lambda c: _train(c, _corrupted_pro(c)), ("sha256", "lmexpand verify")),
+    Case("train-bad-template", "a template naming a field no line has",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", "{nope}", "--out", c.out,
+                    "--seq-len", "32", "--no-tensorboard"], ("nope",)),
+    # -- recipes ---------------------------------------------------------------------
+    Case("recipe-missing", "a recipe file that does not exist", lambda c: ["run", c.root / "none.yaml"],
+         ("none.yaml",)),
+    Case("recipe-not-yaml", "a recipe that is not YAML", lambda c: ["run", _recipe(c, "notyaml", "a: [1, 2\n")],
+         ("YAML",)),
+    Case("recipe-not-mapping", "a recipe that is a list", lambda c: ["run", _recipe(c, "list", "- 1\n- 2\n")],
+         ("mapping",)),
+    Case("recipe-unknown-section", "a misspelled section",
+         lambda c: ["run", _recipe(c, "typo", {"trian": {}})], ("trian",)),
+    Case("recipe-bad-method", "an unknown surgery method in a recipe",
+         lambda c: ["run", _recipe(c, "method", {"surgery": {"method": "llama-max", "source": str(c.tiny)}})],
+         ("surgery.method", "llama-max")),
+    Case("recipe-bad-value", "a negative max_steps in a recipe",
+         lambda c: ["run", _recipe(c, "steps", {"train": {"model": str(c.pro), "max_steps": -5,
+                                                          "data": [{"path": str(c.data)}]}})], ("max_steps",)),
+    Case("recipe-source-count", "calm with one source in a recipe",
+         lambda c: ["run", _recipe(c, "calm1", {"surgery": {"method": "calm", "source": str(c.tiny),
+                                                                         "args": {"every": 1}}})],
+         ("source",)),
+    Case("recipe-symlink-escape", "a relative recipe path that a symlink sends outside the recipe's directory",
+         lambda c: ["run", _symlink_recipe(c)], ("symlink", "data.jsonl")),
+    # -- export, eval, verify --------------------------------------------------------
+    Case("export-not-model", "export of a directory that is not a model",
+         lambda c: ["export", c.file("notmodel/x.txt", "x").parent, c.out], ("config.json",)),
+    Case("eval-data-missing", "eval with a data file that does not exist",
+         lambda c: ["eval", c.pro, "--data", f"math={c.root / 'gone.jsonl'}", "--out", c.out], ("gone.jsonl",)),
+    Case("verify-corrupted", "verify of a model whose shard changed", lambda c: ["verify", _corrupted_pro(c)],
+         ("sha256",)),
+]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_llama, tiny_pro, tmp_path_factory) -> Ctx:
+    from tests.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data = root / "inputs" / "data.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("\n".join(GSM8K_TRAIN.read_text().splitlines()[:60]) + "\n")
+    qwen = build_tiny_model("qwen2", root / "inputs" / "qwen-vocab", vocab_size=384)
+    return Ctx(root=root, tiny=tiny_llama, pro=tiny_pro, qwen=qwen, data=data, out=root / "out")
+
+
+def run_case(argv: list, c: Ctx) -> tuple[int, str]:
+    """Run the CLI in this process on ``argv`` (built by the case beforehand)."""
+    import contextlib
+    import io
+
+    from lmexpand.cli import main
+
+    argv = [str(a) for a in argv]
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def _message(stderr: str) -> str:
+    """The error paragraph: from the ``error:`` line (or click's usage block) to the end;
+    what came before is progress and the parameter table."""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("error:", "Usage:")):
+            return "\n".join(lines[i:]).strip()
+    return stderr.strip()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, ctx: Ctx, tiny_llama, tiny_pro):
+    if ctx.out.exists():
+        shutil.rmtree(ctx.out)
+    argv = case.argv(ctx)  # builds the case's inputs: they may be written, the run may not write
+    before = _snapshot(ctx.root)
+    src_before = (_snapshot(tiny_llama), _snapshot(tiny_pro))
+    code, stderr = run_case(argv, ctx)
+    msg = _message(stderr)
+    assert code == 2, f"exit {code}: {stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert msg.lower().startswith("error:") or "Usage:" in msg, msg
+    body = msg.split("Error:", 1)[-1] if "Usage:" in msg else msg
+    assert "\n\n" not in body.strip(), f"more than one paragraph: {msg}"
+    for needle in case.needles:
+        assert needle in msg, f"{needle!r} not in: {msg}"
+    assert _snapshot(ctx.root) == before, "something was written"
+    assert (_snapshot(tiny_llama), _snapshot(tiny_pro)) == src_before
+    assert not ctx.out.exists()
+
+
+def test_catalogue_is_large_and_documented():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
+    doc = (REPO / "docs" / "errors.md").read_text()
+    undocumented = [i for i in ids if f"`{i}`" not in doc]
+    assert not undocumented, f"add to docs/errors.md (python -m tests.test_bad_inputs): {undocumented}"
+
+
+def write_docs() -> None:
+    """Run every case and write docs/errors.md with the messages they get."""
+    import tempfile
+
+    import tests.conftest  # noqa: F401  (offline environment)
+    from lmexpand.cli import main
+    from tests.tiny import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tiny = build_tiny_model("llama", root / "models" / "llama")
+        pro = root / "models" / "pro"
+        assert main(["-q", "surgery", "llama-pro", str(tiny), str(pro), "--add", "2"]) == 0
+        (root / "case").mkdir()
+        data = root / "case" / "inputs" / "data.jsonl"
+        data.parent.mkdir(parents=True)
+        data.write_text("\n".join(GSM8K_TRAIN.read_text().splitlines()[:60]) + "\n")
+        qwen = build_tiny_model("qwen2", root / "case" / "inputs" / "qwen-vocab", vocab_size=384)
+        c = Ctx(root=root / "case", tiny=tiny, pro=pro, qwen=qwen, data=data, out=root / "case" / "out")
+        rows = []
+        for case in CASES:
+            code, stderr = run_case(case.argv(c), c)
+            msg = _message(stderr).replace(str(root / "case"), "<dir>").replace(str(root / "models"), "<models>")
+            msg = " ".join(msg.split())
+            cell = msg.replace("|", "\\|")
+            rows.append(f"| `{case.id}` | {case.what} | {code} | {cell} |")
+    text = [
+        "# Errors: the bad-input catalogue",
+        "",
+        "Every bad input below is a test in `tests/test_bad_inputs.py`: the command exits with code 2, prints",
+        "one paragraph that names the problem and the fix, no Python traceback, and writes nothing (inputs",
+        "and outputs are compared before and after). Exit code 1 with a traceback is reserved for bugs in",
+        "lmexpand. Regenerate this table with `.venv/bin/python -m tests.test_bad_inputs`",
+        "(`<dir>` stands for the test's directory, `<models>` for its tiny models).",
+        "",
+        f"{len(rows)} cases.",
+        "",
+        "| case | bad input | exit | message |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    (REPO / "docs" / "errors.md").write_text("\n".join(text))
+    print(f"wrote docs/errors.md ({len(rows)} cases)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    write_docs()
