@@ -157,11 +157,15 @@ class _ShardHasher:
         except BaseException as e:  # reported by finish()
             self._error = e
 
-    def finish(self, size: int) -> str:
+    def close(self, size: int) -> None:
+        """The file is complete at ``size`` bytes; hashing goes on in the background."""
         with self._cond:
             self._target = size
             self._closed = True
             self._cond.notify()
+
+    def finish(self, size: int) -> str:
+        self.close(size)
         self._thread.join()
         os.close(self._fd)
         if self._error is not None:
@@ -318,8 +322,9 @@ def _tensor_bytes(out: OutputTensor) -> memoryview:
 
 
 def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Producer],
-                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> str:
-    """Write one shard; returns its sha256."""
+                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> "_ShardHasher":
+    """Write one shard; returns its hasher, still finishing in the background (the next
+    shard's writing overlaps the tail of this one's hash)."""
     header, _ = encode_header(slots, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     hasher = _ShardHasher(path)
@@ -352,9 +357,9 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
         size = os.lseek(fd, 0, os.SEEK_CUR)
         os.ftruncate(fd, size)
         os.fsync(fd)
-        digest = hasher.finish(size)
-        hasher = None
-        return digest
+        hasher.close(size)
+        done, hasher = hasher, None
+        return done
     finally:
         if hasher is not None:
             hasher.abandon()
@@ -409,11 +414,26 @@ def write_checkpoint(
     try:
         tmp.mkdir()
         digests: dict[str, dict[str, object]] = {}
-        with byte_progress(total, description) as advance:
-            for filename, slots in zip(filenames, shards):
-                digest = _write_shard(tmp / filename, slots, producers, meta, src_files, advance)
-                digests[filename] = {"sha256": digest, "bytes": (tmp / filename).stat().st_size}
-                kill_point(f"write:after-shard:{filename}")
+        pending: list[tuple[str, _ShardHasher]] = []
+        max_pending = max(1, (os.cpu_count() or 2) - 1)
+
+        def collect(keep: int) -> None:
+            while len(pending) > keep:
+                name, hasher = pending.pop(0)
+                size = (tmp / name).stat().st_size
+                digests[name] = {"sha256": hasher.finish(size), "bytes": size}
+
+        try:
+            with byte_progress(total, description) as advance:
+                for filename, slots in zip(filenames, shards):
+                    pending.append((filename, _write_shard(tmp / filename, slots, producers, meta, src_files,
+                                                           advance)))
+                    collect(max_pending)
+                    kill_point(f"write:after-shard:{filename}")
+            collect(0)
+        finally:
+            for _, hasher in pending:
+                hasher.abandon()
         if isinstance(files.get(LINEAGE_FILE), bytes):
             lineage = json.loads(files[LINEAGE_FILE])
             lineage["shards"] = digests
