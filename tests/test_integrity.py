@@ -252,3 +252,22 @@ def test_two_processes_tokenizing_into_the_same_cache(tiny_pro, gsm8k_small, tmp
     r = subprocess.run(args(tmp_path / "run2"), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert losses(tmp_path / "run2") == losses(tmp_path / "run0")
+
+
+def test_two_surgeries_writing_the_same_target_at_once(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    runs = {"pro": ["surgery", "llama-pro", str(tiny_llama), str(out), "--add", "2", "--force"],
+            "up": ["surgery", "upscale", str(tiny_llama), str(out), "--drop", "1", "--force"]}
+    refs = {}
+    for name, argv in runs.items():  # each alone, for reference
+        ref = tmp_path / f"ref-{name}"
+        assert main([*argv[:3], str(ref), *argv[4:]]) == 0
+        refs[name] = {p.name: sha256(p) for p in ref.glob("*.safetensors")}
+    for _ in range(2):
+        procs = [subprocess.Popen(CMD + argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for argv in runs.values()]
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), errs
+        assert verify(out).ok
+        assert {p.name: sha256(p) for p in out.glob("*.safetensors")} in refs.values()
+        assert not list(tmp_path.glob(".out.lmexpand-*"))

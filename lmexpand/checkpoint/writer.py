@@ -503,9 +503,13 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     complete output or the new one; elsewhere it is renamed aside first, and a killed run's
     aside copy is put back by the next run (:func:`clean_stale_partials`)."""
     if not target.exists():
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        return
+        try:
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            return
+        except OSError as e:  # another writer put a target there in the meantime: replace it
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if _exchange(tmp, target):
         _fsync_dir(target.parent)
         kill_point("write:after-swap")
