@@ -13,8 +13,11 @@ from lmexpand.errors import SourceError
 
 # Sizes beyond these are not a model anyone can hold; a config asking for them is refused
 # before anything is built from it (a hostile or corrupted config.json).
+MAX_LAYERS = 10_000  # a surgery's output, like any config, may not exceed this many layers
+MAX_EXPERTS = 4_096  # routed experts per layer a surgery may create (the largest MoEs have 384-512)
+
 SIZE_LIMITS: Mapping[str, int] = {
-    "num_hidden_layers": 10_000,
+    "num_hidden_layers": MAX_LAYERS,
     "hidden_size": 1 << 20,
     "intermediate_size": 1 << 24,
     "moe_intermediate_size": 1 << 24,

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmexpand.checkpoint.limits import MAX_LAYERS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Op, Plan, Read, Scale, TensorPlan
@@ -262,6 +263,9 @@ def plan_upscale(readers: Sequence[CheckpointReader], cfg: UpscaleConfig) -> Pla
             raise ConfigError(f"slice {i + 1} ({s.model}: [{start}, {end})): model {s.model!r} has {n} layers "
                               f"(0..{n - 1}), so the end may be at most {n}.")
 
+    total = sum(end - start for s in slices for start, end in [s.layers])
+    if total > MAX_LAYERS:
+        raise ConfigError(f"the slices give {total:,} layers; at most {MAX_LAYERS:,} are accepted.")
     # output layer -> (model, source layer)
     sources: list[tuple[_Model, int]] = [(models[s.model], k) for s in slices for k in range(*s.layers)]
     seams = _seam_layers(slices, cfg.seam_layers) if cfg.seam_scale is not None else set()

@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from lmexpand.checkpoint.limits import MAX_LAYERS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan, Read, TensorPlan, Zeros, remap_layers
@@ -127,6 +128,10 @@ def plan_llama_pro(readers: Sequence[CheckpointReader], cfg: LlamaProConfig) -> 
     assert family is not None
     num_layers = reader.num_layers
     points = insertion_points(num_layers, cfg)
+    total = num_layers + len(points) * cfg.per_group
+    if total > MAX_LAYERS:
+        raise ConfigError(f"--per-group {cfg.per_group}: the output would have {total:,} layers; at most "
+                          f"{MAX_LAYERS:,} are accepted. Lower --per-group or --add.")
 
     layer_map: list[int | str] = []  # output layer -> source layer, or "new copy of k"
     layer_sources: list[int] = []

@@ -34,6 +34,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from lmexpand.checkpoint.limits import MAX_EXPERTS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Const, NewInit, Noise, Op, Plan, Read, Slice, TensorPlan, Zeros
@@ -57,16 +58,19 @@ HIDDEN_PROMPTS = (
 
 
 class MoeConfig(MethodConfig):
-    experts: int | None = Field(None, ge=2, description="Copies style: number of experts E per upcycled layer.")
+    experts: int | None = Field(None, ge=2, le=MAX_EXPERTS,
+                                description="Copies style: number of experts E per upcycled layer.")
     top_k: int | None = Field(
         None, gt=0, description="Experts per token (copies: default 2; fine-grained: default M-S, "
         "other values are not exact at init).",
     )
     segments: int | None = Field(
-        None, ge=2, description="Fine-grained style: split the FFN's intermediate dimension into M segments."
+        None, ge=2, le=MAX_EXPERTS,
+        description="Fine-grained style: split the FFN's intermediate dimension into M segments."
     )
     shared: int = Field(1, ge=1, description="Fine-grained: segments S that form the always-on shared expert.")
-    replicas: int = Field(2, ge=1, description="Fine-grained: copies R of each routed segment (E = (M-S)*R).")
+    replicas: int = Field(2, ge=1, le=MAX_EXPERTS,
+                          description="Fine-grained: copies R of each routed segment (E = (M-S)*R).")
     layers: str = Field(
         "all", description="Layers to upcycle: 'all', 'every:N' (layers N-1, 2N-1, ...) or a list 3,4,5."
     )
@@ -121,6 +125,9 @@ class MoeConfig(MethodConfig):
                 raise ValueError(f"--shared {self.shared} must be below --segments {self.segments}: at least one "
                                  "segment must be routed")
             n_routed = (self.segments - self.shared) * self.replicas
+            if n_routed > MAX_EXPERTS:
+                raise ValueError(f"(M-S)*R = ({self.segments}-{self.shared})*{self.replicas} = {n_routed:,} routed experts "
+                                 f"per layer; at most {MAX_EXPERTS:,} are accepted. Lower --segments or --replicas")
             if n_routed < 2:
                 raise ValueError(f"(M-S)*R = ({self.segments}-{self.shared})*{self.replicas} = {n_routed} routed expert; "
                                  "Glm4MoeForCausalLM's router needs at least 2 (it ranks the top 2 per group): raise "
