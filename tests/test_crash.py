@@ -284,3 +284,56 @@ def test_run_killed_then_rerun_finishes_the_same(tiny_llama, gsm8k_small, run_re
     ref_losses, ref_weights = run_reference
     assert losses(work / "train") == ref_losses
     assert _weights(work / "export") == ref_weights
+
+
+def _kill_after(argv: list, delay: float) -> None:
+    proc = subprocess.Popen(CMD + [str(a) for a in argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_train_killed_at_random_moments(tiny_pro, gsm8k_small, train_reference, tmp_path):
+    """Three external SIGKILLs at random moments of one run (seeded), resuming each time."""
+    ref_losses, ref_model = train_reference
+    rng = random.Random(11)
+    run = tmp_path / "run"
+    argv = train_argv(tiny_pro, gsm8k_small, run)
+    t0 = time.perf_counter()
+    assert cli(train_argv(tiny_pro, gsm8k_small, tmp_path / "timing")).returncode == 0
+    full = time.perf_counter() - t0
+    started = False
+    for _ in range(3):
+        has_ckpt = (run / "checkpoints").exists() and any((run / "checkpoints").glob("step-*"))
+        extra = ["--resume"] if has_ckpt else (["--force"] if started else [])
+        _kill_after(argv + extra, rng.uniform(0.5, full))
+        started = True
+        assert not (run / "model").exists() or verify(run / "model").ok
+        if (run / "model").exists():
+            break  # finished before the kill
+    has_ckpt = (run / "checkpoints").exists() and any((run / "checkpoints").glob("step-*"))
+    if not (run / "model").exists():
+        r = cli(argv + (["--resume"] if has_ckpt else ["--force"]))
+        assert r.returncode == 0, r.stderr
+    assert losses(run) == ref_losses
+    assert digest(run / "model") == ref_model
+
+
+def test_export_killed_at_random_moments(tiny_pro, tmp_path):
+    rng = random.Random(12)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    argv = ["export", tiny_pro, out, "--max-shard-size", "300KB"]
+    t0 = time.perf_counter()
+    assert cli(["export", tiny_pro, ref, "--max-shard-size", "300KB"]).returncode == 0
+    full = time.perf_counter() - t0
+    for _ in range(3):
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        _kill_after(argv, rng.uniform(0.3, full))
+        assert_complete_or_absent(out, digest(ref))
+    r = cli(argv + ["--force"])
+    assert r.returncode == 0, r.stderr
+    assert digest(out) == digest(ref) and leftovers(out) == []
