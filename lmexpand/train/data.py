@@ -50,49 +50,47 @@ def _check_source(src: DataSource) -> None:
         raise ConfigError(f"data: {src.path}: the file is empty; there is nothing to train on.")
 
 
+def _jsonl_problem(src: DataSource, *, first_only: bool) -> ConfigError | None:
+    """The first bad record of a JSONL source (not JSON, not an object, or without a field
+    the template/text field needs), looking at the first record only or at every line."""
+    needed = _template_fields(src.template) if src.template else [src.field]
+    seen = False
+    with open(src.path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            seen = True
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                return ConfigError(f"data: {src.path}:{line_no}: not valid JSON ({e}). Fix or remove that line.")
+            if not isinstance(record, dict):
+                return ConfigError(f"data: {src.path}:{line_no}: each line must be a JSON object.")
+            missing = [k for k in needed if k not in record]
+            if missing:
+                what = f"template {src.template!r}" if src.template else "--text-field"
+                return ConfigError(
+                    f"data: {src.path}:{line_no}: records have no field {missing[0]!r} (needed by {what}). "
+                    f"Fields present: {', '.join(record)}. Use --text-field NAME or --template, or fix that line."
+                )
+            if first_only:
+                return None
+    return None if seen else ConfigError(f"data: {src.path}: no JSON records; there is nothing to train on.")
+
+
 def _check_jsonl_fields(src: DataSource) -> None:
     """Look at the first record: a missing field is an error naming the keys that exist."""
-    with open(src.path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ConfigError(f"data: {src.path}:{line_no}: not valid JSON ({e}).") from None
-                break
-        else:
-            raise ConfigError(f"data: {src.path}: no JSON records; there is nothing to train on.")
-    if not isinstance(record, dict):
-        raise ConfigError(f"data: {src.path}:{line_no}: each line must be a JSON object.")
-    needed = _template_fields(src.template) if src.template else [src.field]
-    missing = [k for k in needed if k not in record]
-    if missing:
-        what = f"template {src.template!r}" if src.template else "--text-field"
-        raise ConfigError(
-            f"data: {src.path}: records have no field {missing[0]!r} (needed by {what}). "
-            f"Fields present: {', '.join(record)}. Use --text-field NAME or --template."
-        )
+    problem = _jsonl_problem(src, first_only=True)
+    if problem is not None:
+        raise problem
 
 
 def _data_error(src: DataSource, error: Exception) -> ConfigError:
     """A readable error for a corpus that failed while being read: the first bad line of a
-    JSONL file (not JSON, not an object, or without the needed field), else the reader's error."""
-    if src.kind != "text":
-        needed = _template_fields(src.template) if src.template else [src.field]
-        with open(src.path, encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    return ConfigError(f"data: {src.path}:{line_no}: not valid JSON ({e}). Fix or remove that line.")
-                if not isinstance(record, dict):
-                    return ConfigError(f"data: {src.path}:{line_no}: each line must be a JSON object.")
-                missing = [k for k in needed if k not in record]
-                if missing:
-                    return ConfigError(f"data: {src.path}:{line_no}: the record has no field {missing[0]!r}. "
-                                       "Fix that line, or use a template/field every record has.")
+    JSONL file, else the reader's own error."""
+    problem = _jsonl_problem(src, first_only=False) if src.kind != "text" else None
+    if problem is not None:
+        return problem
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"data: {src.path}: cannot be read ({type(error).__name__}: {first}). "
                        "Check that the file is UTF-8 text or JSON lines.")
