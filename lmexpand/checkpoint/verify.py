@@ -32,13 +32,14 @@ def recorded_shards(model_dir: Path) -> dict[str, dict[str, Any]] | None:
     return shards if isinstance(shards, dict) else None
 
 
-def verify_shards(model_dir: Path, *, progress: bool = False) -> list[str]:
+def verify_shards(model_dir: Path, shards: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Problems with the recorded shard hashes of ``model_dir`` (empty: all match, or none
-    recorded). Checks sizes first (free), then sha256 of every recorded file."""
+    recorded). Checks sizes first (free), then sha256 of every recorded file. ``shards``:
+    the record, when the caller has already read it."""
     from lmexpand.checkpoint.writer import sha256_file
 
     model_dir = Path(model_dir)
-    shards = recorded_shards(model_dir)
+    shards = recorded_shards(model_dir) if shards is None else shards
     if not shards:
         return []
     problems = []
@@ -147,7 +148,7 @@ def verify(model_dir: str | Path, *, values: str = "new") -> Report:
     report = Report(str(model_dir), tensors=len(reader.tensors))
     shards = recorded_shards(model_dir)
     if shards:
-        problems = verify_shards(model_dir)
+        problems = verify_shards(model_dir, shards)
         report.problems += problems
         report.shards_checked = len(shards)
         report.hashes = "match" if not problems else "MISMATCH"

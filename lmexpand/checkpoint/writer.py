@@ -118,7 +118,8 @@ class _ShardHasher:
     """sha256 of a file being written, by a thread reading just behind the writer.
 
     The writer calls :meth:`advance` with the length written so far (never past a hole
-    that no later write has closed) and :meth:`finish` with the final size.
+    that no later write has closed), :meth:`close` with the final size, and
+    :meth:`finish` for the digest.
     """
 
     def __init__(self, path: Path) -> None:
@@ -127,6 +128,7 @@ class _ShardHasher:
         self._done = 0
         self._target = 0
         self._closed = False
+        self.size = 0
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lmexpand-sha256", daemon=True)
@@ -159,13 +161,14 @@ class _ShardHasher:
 
     def close(self, size: int) -> None:
         """The file is complete at ``size`` bytes; hashing goes on in the background."""
+        self.size = size
         with self._cond:
             self._target = size
             self._closed = True
             self._cond.notify()
 
-    def finish(self, size: int) -> str:
-        self.close(size)
+    def finish(self) -> str:
+        """Wait for the digest (after :meth:`close`)."""
         self._thread.join()
         os.close(self._fd)
         if self._error is not None:
@@ -248,6 +251,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def left_by_dead_process(p: Path) -> bool:
+    """A temporary path named ``...-PID`` whose writing process is gone (not this one)."""
+    pid_text = p.name.rsplit("-", 1)[-1]
+    return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+
+
 def clean_stale_partials(target: Path) -> None:
     """Remove temporary dirs that a killed earlier run left beside ``target``."""
     parent = target.parent
@@ -255,14 +264,12 @@ def clean_stale_partials(target: Path) -> None:
         return
     for p in parent.glob(f".{target.name}{_OLD}*"):
         # a run killed between moving the old output aside and moving the new one in
-        pid_text = p.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)) and not target.exists():
+        if left_by_dead_process(p) and not target.exists():
             log.warning("restoring %s from %s (an interrupted run had moved it aside)", target, p.name)
             os.rename(p, target)
     for marker in (_PARTIAL, _OLD):
         for p in parent.glob(f".{target.name}{marker}*"):
-            pid_text = p.name.rsplit("-", 1)[-1]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            if left_by_dead_process(p):
                 log.info("removing %s left by an interrupted run", p)
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -328,11 +335,9 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
     header, _ = encode_header(slots, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     hasher = _ShardHasher(path)
-    written = 0
     try:
         _write_all(fd, header)
-        written = len(header)
-        hasher.advance(written)
+        hasher.advance(len(header))
         for i, slot in enumerate(slots):
             producer = producers[slot.name]
             if isinstance(producer, RawCopy):
@@ -342,15 +347,13 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
                 if info.nbytes != slot.nbytes or info.dtype != slot.dtype:
                     raise CheckpointError(f"{slot.name}: raw copy of {info.name} does not match the output slot")
                 _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes)
-                written = os.lseek(fd, 0, os.SEEK_CUR)
-                hasher.advance(written)
+                hasher.advance(os.lseek(fd, 0, os.SEEK_CUR))
             elif isinstance(producer, Zeros):
                 # a hole: reads as zeros, costs no write (the final ftruncate fixes the length)
                 os.lseek(fd, slot.nbytes, os.SEEK_CUR)
             else:
                 _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
-                written = os.lseek(fd, 0, os.SEEK_CUR)
-                hasher.advance(written)
+                hasher.advance(os.lseek(fd, 0, os.SEEK_CUR))
             advance(slot.nbytes)
             if i == len(slots) // 2:
                 kill_point(f"write:mid-shard:{path.name}")
@@ -420,8 +423,7 @@ def write_checkpoint(
         def collect(keep: int) -> None:
             while len(pending) > keep:
                 name, hasher = pending.pop(0)
-                size = (tmp / name).stat().st_size
-                digests[name] = {"sha256": hasher.finish(size), "bytes": size}
+                digests[name] = {"sha256": hasher.finish(), "bytes": hasher.size}
 
         try:
             with byte_progress(total, description) as advance:

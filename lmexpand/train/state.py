@@ -37,11 +37,10 @@ class TrainState:
 
 def clean_stale_checkpoint_partials(run_dir: Path) -> None:
     """Remove the half-written checkpoints of killed runs (their process is gone)."""
-    from lmexpand.checkpoint.writer import _pid_alive
+    from lmexpand.checkpoint.writer import left_by_dead_process
 
     for p in checkpoint_dir(run_dir).glob(".step-*.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if left_by_dead_process(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -123,7 +122,7 @@ def load_checkpoint(path: Path, state: TrainState, trainable: dict[str, torch.Te
     try:
         record = json.loads((path / "state.json").read_text())
         hashes = record.pop("sha256", {})
-        TrainState(**record)
+        saved = TrainState(**record)
     except (ValueError, TypeError, AttributeError) as e:
         raise ConfigError(
             f"{path}/state.json: not a training state this lmexpand wrote ({e}). Resume from another checkpoint "
@@ -137,7 +136,6 @@ def load_checkpoint(path: Path, state: TrainState, trainable: dict[str, torch.Te
                 f"{path}: {name} is missing or does not match the sha256 recorded when it was saved; the "
                 "checkpoint is damaged. Resume from an earlier one (--resume RUN/checkpoints/step-N) or delete it."
             )
-    saved = TrainState(**record)
     if saved.model_fingerprint != state.model_fingerprint:
         raise ConfigError(
             f"{path}: this checkpoint was made from another model (fingerprint {saved.model_fingerprint[:12]} "
