@@ -251,7 +251,7 @@ def run_job(job: Job) -> dict[str, str]:
     """Run the stages in order; a stage whose inputs (fingerprints) did not change since it
     completed is skipped, so a crashed run continues where it stopped."""
     from lmexpand.checkpoint.reader import CheckpointReader
-    from lmexpand.checkpoint.sources import open_source
+    from lmexpand.checkpoint.sources import open_source, resolve_source
 
     outputs: dict[str, str] = {}
     upstream = ""
@@ -275,7 +275,7 @@ def run_job(job: Job) -> dict[str, str]:
         from lmexpand.train.loop import train
 
         cfg = job.train
-        model_fp = upstream or CheckpointReader(cfg.model).fingerprint()["sha256"]
+        model_fp = upstream or CheckpointReader(resolve_source(cfg.model)).fingerprint()["sha256"]
         fp = _digest("train", cfg.model_dump(mode="json"), model_fp, fingerprint_sources(cfg.data))
         final = cfg.out / "model"
         if _done(job, "train", fp, final):

@@ -115,3 +115,14 @@ def test_every_shipped_recipe_validates(recipe, capsys):
     if not (REPO.parent / "shared").is_dir() and "shared" in recipe.read_text():
         pytest.skip("needs ../shared beside the checkout")
     assert main(["run", str(recipe), "--check"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_only_recipe_on_the_embedded_model(smollm2, gsm8k_small, tmp_path, capsys):
+    """`train.model: smollm2-135m` (an embedded name, no surgery section) runs, not only --check."""
+    recipe = write_recipe(tmp_path / "r.yaml", smollm2, gsm8k_small, surgery=None, eval=None, export=None,
+                          train__model="smollm2-135m", train__max_steps=1, train__save_every=0,
+                          train__val_every=0, train__trainable="all")
+    assert main(["run", str(recipe), "--check"]) == 0, capsys.readouterr().err
+    assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "work" / "train" / "model" / "lmexpand.json").is_file()
