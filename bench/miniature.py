@@ -1,119 +1,193 @@
 """LLaMA-Pro's central claim in miniature, on SmolLM2-135M (docs/results.md).
 
-    .venv/bin/python bench/miniature.py [--steps 80] [--out bench/.cache/miniature]
+    .venv/bin/python bench/miniature.py [--base healed|embedded] [--steps 160] [--rows NAME,...]
 
 Domain = GSM8K (train split to train, test split to evaluate), general = OpenStax
-humanities valid + novels valid (../shared/data). Same token budget for every trained row
-(steps x 4 x 256 tokens), fp32 on CPU:
-  base                      the embedded SmolLM2-135M-Instruct
-  llama-pro                 +6 blocks (one after every 5th), new blocks only, lr 3e-4
-  full-ft                   full fine-tuning of the base, lr 3e-5
-  lora                      LoRA r=64 on every linear of the base (~19.5 M params, about
-                            LLaMA-Pro's 21.2 M), lr 2e-4
-Perplexity on the first 16,384 tokens of each set (windows of 256). Prints a Markdown
-table and writes miniature.json and miniature.png into --out.
+humanities valid + novels valid (../shared/data). Same token budget, data and seed for
+every trained row (steps x 4 x 256 tokens), fp32 on CPU. Rows, each at two learning rates
+(the first from ../shared/notes/miniature-calibration.md, the second lower, to trace how
+much general skill each method gives up for its domain gain):
+
+  base                      the starting model (no training)
+  llama-pro@LR              +6 blocks (one after every 5th), new blocks only
+  full-ft@LR                full fine-tuning
+  lora@LR                   LoRA r=64 on every linear (~19.5 M params, about LLaMA-Pro's 21.2 M)
+  moe@LR                    (only with --rows moe@...) Mixtral-style upcycling, 4 experts top-2,
+                            experts and routers trained
+
+--base healed (the default) starts every row from the healed reference model
+(bench/reference_models.py: the quantization confound removed); --base embedded from the
+dequantized Q4_1 SmolLM2 (the confound kept: the second section of docs/results.md).
+Perplexity on the first 16,384 tokens of each set (windows of 256).
+
+Each row's result is cached in OUT/rows/NAME.json as soon as it is measured, and an
+interrupted training run resumes from its last checkpoint, so an interrupted sweep
+continues where it stopped. Prints a Markdown table; writes miniature.json and
+miniature.png (math perplexity against each general perplexity, every point labelled,
+the Pareto frontier drawn) into OUT.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
-PY = sys.executable
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SETS = {
     "math": SHARED / "gsm8k" / "test.jsonl",
     "general-openstax": SHARED / "general-english" / "openstax-humanities" / "valid.txt",
     "general-novels": SHARED / "general-english" / "novels-1902-1927" / "valid.txt",
 }
+LORA = ["--trainable", "none", "--lora", "--lora-r", "64", "--lora-targets",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
+# method -> (surgery args or None, training args); learning rates per row name
+METHODS = {
+    "llama-pro": (["llama-pro", "--add", "6"], []),
+    "full-ft": (None, ["--trainable", "all"]),
+    "lora": (None, LORA),
+    "moe": (["moe", "--experts", "4", "--top-k", "2"], []),
+}
+DEFAULT_ROWS = ["llama-pro@3e-4", "llama-pro@1e-4", "full-ft@3e-5", "full-ft@1e-5", "lora@2e-4", "lora@5e-5"]
 
 
 def lmx(*args: str) -> float:
+    from lmexpand.cli import main
+
     t = time.perf_counter()
-    subprocess.run([PY, "-m", "lmexpand", "-q", *args], check=True)
+    code = main(["-q", *args])
+    if code:
+        raise SystemExit(f"miniature: `lmexpand {' '.join(args)}` exited {code}")
     return time.perf_counter() - t
 
 
 def evaluate(model: str, out: Path) -> dict:
-    data = [a for name, path in SETS.items() for a in ("--data", f"{name}={path}")]
-    lmx("eval", model, *data, "--template", TEMPLATE, "--out", str(out), "--max-tokens", "16384",
-        "--seq-len", "256", "--no-samples")
-    return json.loads((out / "results.json").read_text())
+    if not (out / "results.json").is_file():
+        data = [a for name, path in SETS.items() for a in ("--data", f"{name}={path}")]
+        lmx("eval", model, *data, "--template", TEMPLATE, "--out", str(out), "--max-tokens", "16384",
+            "--seq-len", "256", "--no-samples")
+    res = json.loads((out / "results.json").read_text())
+    return {k: v["ppl"] for k, v in res["perplexity"]["model"].items()}
+
+
+def base_model(name: str) -> tuple[str, str]:
+    """(model dir or embedded name, identity for the cache keys)."""
+    if name == "embedded":
+        return "smollm2-135m", "smollm2-135m"
+    from bench.reference_models import resolve
+
+    d = resolve(name)
+    return str(d), json.loads((d / "lmexpand.json").read_text())["reference"]["key"]
+
+
+def run_row(row: str, base: str, base_id: str, out: Path, steps: int) -> dict:
+    method, _, lr = row.partition("@")
+    if method not in METHODS or not lr:
+        raise SystemExit(f"unknown row {row!r}: METHOD@LR with METHOD in {', '.join(METHODS)}")
+    surgery, train_args = METHODS[method]
+    common = ["--data", str(SHARED / "gsm8k" / "train.jsonl"), "--template", TEMPLATE, "--seq-len", "256",
+              "--batch-size", "4", "--max-steps", str(steps), "--warmup-steps", "10", "--val-every", "0",
+              "--save-every", "20", "--no-tensorboard", "--seed", "0", "--lr", lr]
+    key = hashlib.sha256(json.dumps([row, base_id, steps, surgery, train_args, common]).encode()).hexdigest()[:12]
+    cached = out / "rows" / f"{row}.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        print(f"{row}: cached", flush=True)
+        return json.loads(cached.read_text())
+    model = base
+    if surgery is not None:
+        expanded = out / f"{surgery[0]}-{hashlib.sha256(json.dumps([base_id, surgery]).encode()).hexdigest()[:8]}"
+        if not (expanded / "lmexpand.json").is_file():
+            lmx("surgery", surgery[0], base, str(expanded), *surgery[1:], "--force")
+        model = str(expanded)
+    run = out / f"run-{row}-{key}"
+    from lmexpand.train.state import latest_checkpoint
+
+    resume = ["--resume"] if run.is_dir() and latest_checkpoint(run) is not None else ["--force"]
+    seconds = 0.0
+    if not (run / "model" / "lmexpand.json").is_file():
+        seconds = lmx("train", "--model", model, "--out", str(run), *common, *train_args, *resume)
+    ppl = evaluate(str(run), out / f"eval-{row}-{key}")
+    lineage = json.loads((run / "model" / "lmexpand.json").read_text())["training"][-1]
+    result = {"key": key, "ppl": ppl, "trainable": lineage["trainable_parameters"], "seconds": seconds,
+              "tokens": steps * 4 * 256, "resumed": resume == ["--resume"]}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result, indent=2))
+    print(row, result, flush=True)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / ".cache" / "miniature")
+    ap.add_argument("--base", default="healed", help="healed (a reference model, default) or embedded")
+    ap.add_argument("--steps", type=int, default=160, help="optimizer steps per row (x 4 x 256 tokens)")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated METHOD@LR rows")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/.cache/miniature-BASE")
     args = ap.parse_args()
-    out = args.out
+    out = args.out or ROOT / "bench" / ".cache" / f"miniature-{args.base}"
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--data", str(SHARED / "gsm8k" / "train.jsonl"), "--template", TEMPLATE, "--seq-len", "256",
-              "--batch-size", "4", "--max-steps", str(args.steps), "--warmup-steps", "10", "--val-every", "0",
-              "--no-tensorboard", "--force"]
-    pro = out / "pro"
-    if not (pro / "lmexpand.json").is_file():
-        lmx("surgery", "llama-pro", "smollm2-135m", str(pro), "--add", "6", "--force")
-    rows: dict[str, dict] = {}
-    runs = {
-        "llama-pro": (str(pro), ["--lr", "3e-4"]),
-        "full-ft": ("smollm2-135m", ["--trainable", "all", "--lr", "3e-5"]),
-        "lora": ("smollm2-135m", ["--trainable", "none", "--lora", "--lora-r", "64", "--lora-targets",
-                                  "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lr", "2e-4"]),
-    }
-    base = evaluate("smollm2-135m", out / "eval-base")
-    rows["base"] = {"ppl": {k: v["ppl"] for k, v in base["perplexity"]["model"].items()}, "trainable": 0, "seconds": 0.0}
-    for name, (model, extra) in runs.items():
-        run = out / f"run-{name}"
-        seconds = lmx("train", "--model", model, "--out", str(run), *common, *extra)
-        res = evaluate(str(run), out / f"eval-{name}")
-        lineage = json.loads((run / "model" / "lmexpand.json").read_text())["training"][-1]
-        rows[name] = {"ppl": {k: v["ppl"] for k, v in res["perplexity"]["model"].items()},
-                      "trainable": lineage["trainable_parameters"], "seconds": seconds}
-        print(name, rows[name], flush=True)
+    base, base_id = base_model(args.base)
+    rows: dict[str, dict] = {"base": {"ppl": evaluate(base, out / f"eval-base-{base_id}"), "trainable": 0,
+                                      "seconds": 0.0}}
+    for row in args.rows.split(","):
+        rows[row] = run_row(row, base, base_id, out, args.steps)
     tokens = args.steps * 4 * 256
-    (out / "miniature.json").write_text(json.dumps({"tokens": tokens, "rows": rows}, indent=2))
-    names = list(SETS)
+    (out / "miniature.json").write_text(json.dumps({"base": args.base, "tokens": tokens, "rows": rows}, indent=2))
     print(f"\nSame budget: {tokens:,} training tokens per trained row.\n")
-    print("| row | " + " | ".join(f"{n} ppl" for n in names) + " | trainable params | train wall time |")
-    print("|---" * (len(names) + 3) + "|")
+    print(markdown_table(rows))
+    plot(rows, out / "miniature.png", f"{args.base} SmolLM2-135M, {tokens:,} training tokens per row")
+
+
+def markdown_table(rows: dict) -> str:
+    names = list(SETS)
+    lines = ["| row | " + " | ".join(f"{n} ppl" for n in names) + " | trainable params | train wall time |",
+             "|---" * (len(names) + 3) + "|"]
     b = rows["base"]["ppl"]
     for name, r in rows.items():
         cells = []
         for n in names:
             delta = "" if name == "base" else f" ({100 * (r['ppl'][n] - b[n]) / b[n]:+.1f} %)"
             cells.append(f"{r['ppl'][n]:.3f}{delta}")
-        print(f"| {name} | " + " | ".join(cells) + f" | {r['trainable'] / 1e6:.1f} M | {r['seconds']:.0f} s |")
-    plot(rows, out / "miniature.png", tokens)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['trainable'] / 1e6:.1f} M | {r['seconds']:.0f} s |")
+    return "\n".join(lines)
 
 
-def plot(rows: dict, png: Path, tokens: int) -> None:
+def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The Pareto frontier of (general ppl, math ppl) points, lower is better in both:
+    the points no other point beats on both axes, in order of general ppl."""
+    keep = [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0], q[1]) != (p[0], p[1])
+                                         for q in points)]
+    return sorted(keep)
+
+
+def plot(rows: dict, png: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b = rows["base"]["ppl"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in rows.items():
-        gain = 100 * (b["math"] - r["ppl"]["math"]) / b["math"]
-        general = [k for k in r["ppl"] if k.startswith("general")]
-        kept = sum(100 * (r["ppl"][k] - b[k]) / b[k] for k in general) / len(general)
-        ax.scatter(kept, gain, s=80)
-        ax.annotate(name, (kept, gain), textcoords="offset points", xytext=(6, 6))
-    ax.axvline(0, color="grey", linewidth=0.8)
-    ax.axvline(1, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("general perplexity change vs base, % (lower is better; dashed: +1 %)")
-    ax.set_ylabel("math perplexity reduction vs base, % (higher is better)")
-    ax.set_title(f"SmolLM2-135M, {tokens:,} training tokens per row")
-    ax.margins(x=0.15, y=0.1)
-    ax.grid(alpha=0.3)
+    general = [k for k in SETS if k.startswith("general")]
+    fig, axes = plt.subplots(1, len(general), figsize=(6 * len(general), 4.8))
+    for ax, g in zip(axes, general):
+        points = [(r["ppl"][g], r["ppl"]["math"], name) for name, r in rows.items()]
+        for x, y, name in points:
+            ax.scatter(x, y, s=60, color="black" if name == "base" else None)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        f = frontier(points)
+        ax.plot([p[0] for p in f], [p[1] for p in f], color="grey", linestyle="--", linewidth=1,
+                label="frontier (no row better on both)")
+        bx = rows["base"]["ppl"][g]
+        ax.axvline(bx * 1.01, color="red", linewidth=0.8, linestyle=":", label="base general ppl +1 %")
+        ax.set_xlabel(f"{g} perplexity (lower: more general skill kept)")
+        ax.set_ylabel("GSM8K test perplexity (lower: more domain gained)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
