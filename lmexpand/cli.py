@@ -20,7 +20,7 @@ from lmexpand.errors import LmexpandError
 
 log = logging.getLogger("lmexpand")
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it)."""
@@ -219,7 +219,7 @@ def _run_surgery(method, kw: dict) -> None:
         raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
     cfg = parse_config(method, {k: v for k, v in kw.items() if v is not None})
     readers = [open_source(s, allow_pickle=allow_pickle) for s in sources]
-    plan = method.plan(readers, cfg)
+    plan = method.checked_plan(readers, cfg)
     summary = plan_summary(plan)
     if dry_run:
         if as_json:
@@ -232,7 +232,9 @@ def _run_surgery(method, kw: dict) -> None:
     path = execute(plan, out, force=force, max_shard_size=max_shard_size, readers=readers)
     layers = f"{summary['num_layers']} layers, " if summary["num_layers"] else ""
     log.info("wrote %s: %s%s parameters (%s to train)%s", path, layers, f"{summary['parameters_total']:,}",
-             f"{summary['parameters_new']:,}", ", function-preserving at init" if plan.function_preserving else "")
+             f"{summary['parameters_new']:,}", ", function-preserving at init (by construction; every computed "
+             "tensor was checked finite, copied ones were not read: `lmexpand verify OUT --values all` scans them)"
+             if plan.function_preserving else "")
     if plan.check_delta:
         from lmexpand.expand.executor import logit_delta
 
@@ -375,7 +377,10 @@ def _train_config_from_cli(kw: dict):
     if extra:
         values["extra_trainable"] = extra.split(",")
     use_lora, lora_r, lora_targets = kw.pop("use_lora"), kw.pop("lora_r"), kw.pop("lora_targets")
-    if use_lora or lora_r or lora_targets:
+    if lora_r is not None and lora_r < 1:
+        raise click.BadParameter(f"{lora_r}: a LoRA rank is at least 1 (8, 16, 64 are common)",
+                                 param_hint="--lora-r")
+    if use_lora or lora_r is not None or lora_targets:
         lora = dict(values.get("lora") or {})
         if lora_r:
             lora["r"] = lora_r
@@ -408,8 +413,9 @@ def _train_config_from_cli(kw: dict):
 @click.option("--no-samples", is_flag=True, help="Skip the sample generations.")
 @click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness TASKS (needs the lm-eval extra and local task data).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights for MODEL, --base and --compare (loaded weights-only). Only for trusted files.")
 def eval_command(model: str, data, template, text_field, base, compare, out, max_tokens, seq_len, stride,
-                 no_samples, lm_eval_tasks, as_json) -> None:
+                 no_samples, lm_eval_tasks, as_json, allow_pickle) -> None:
     """Perplexity per text set against a base, function preservation, parameters, samples.
 
     MODEL is a model directory, a training run directory (its model/ and metrics.jsonl are
@@ -442,7 +448,7 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
         check_lm_eval()
     sets = [parse_text_set(d, template, text_field) for d in data]
     results = run_eval(model, sets, Path(out), base=base, compare=pairs, max_tokens=max_tokens, seq_len=seq_len,
-                       stride=stride, samples=not no_samples)
+                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle)
     if lm_eval_tasks:
         from lmexpand.eval.harness import run_lm_eval
 
@@ -459,7 +465,8 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
 @click.option("--eval", "eval_dir", default=None, help="An `lmexpand eval` output dir whose table goes into the model card (default: RUN/eval if present).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, force: bool) -> None:
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights (loaded weights-only; written as safetensors). Only for trusted files.")
+def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, force: bool, allow_pickle: bool) -> None:
     """Write a clean Hugging Face model directory with a model card.
 
     SOURCE is a model directory or a training run directory (its model/). Tensors are
@@ -477,7 +484,7 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
     from lmexpand.units import parse_size
 
     path = export_model(source, out, force=force, eval_dir=Path(eval_dir) if eval_dir else None,
-                        max_shard_size=parse_size(max_shard_size, "--max-shard-size"))
+                        max_shard_size=parse_size(max_shard_size, "--max-shard-size"), allow_pickle=allow_pickle)
     log.info("exported: %s", path)
     click.echo(str(path))
 
@@ -515,6 +522,13 @@ def verify(source: str, values: str, as_json: bool) -> None:
         for line in human_report(report):
             click.echo(line)
     if not report.ok:
+        only_values = all("NaN/Inf values" in p for p in report.problems)
+        if only_values and report.hashes == "match":
+            # the files are what lmexpand wrote: the values came with them (source or training)
+            raise CheckpointError(
+                f"{path}: {len(report.problems)} tensor(s) hold NaN/Inf, first: {report.problems[0]}. The files are "
+                "exactly as written (their sha256 match), so the values came from the source model or the step that "
+                "wrote them: check the source with `lmexpand verify SOURCE --values all` and re-run that step.")
         raise CheckpointError(
             f"{path}: {len(report.problems)} problem(s), first: {report.problems[0]}. The directory is damaged "
             "or was modified after lmexpand wrote it: restore it or re-run the step that wrote it.")
@@ -562,12 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return EXIT_USER
-    except click.Abort:
-        click.echo("aborted", err=True)
-        return EXIT_INTERNAL
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
+    except (KeyboardInterrupt, click.Abort):  # click turns Ctrl-C into Abort
+        click.echo("interrupted (Ctrl-C): stopped; no half-written output was left in place (a training run keeps its "
+                   "checkpoints for --resume) and the inputs are untouched", err=True)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except Exception:

@@ -37,3 +37,7 @@ class DiskFullError(TargetError):
 
 class ConfigError(LmexpandError):
     """Bad arguments or recipe values: the message names the field, the value and what is allowed."""
+
+
+class TrainingDivergedError(LmexpandError):
+    """The loss or the gradients became NaN/Inf: training stopped, checkpoints kept."""

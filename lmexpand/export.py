@@ -16,7 +16,7 @@ from typing import Any
 
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader
 from lmexpand.checkpoint.safetensors_format import TensorSlot
-from lmexpand.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, RawCopy, write_checkpoint
+from lmexpand.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, RawCopy, unchanged_tensor, write_checkpoint
 from lmexpand.errors import ConfigError
 
 PRIVATE_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "_commit_hash", "lmexpand")
@@ -84,16 +84,16 @@ def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: 
 
 
 def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval_dir: Path | None = None,
-                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, allow_pickle: bool = False) -> Path:
     from lmexpand.composed import is_composed
 
     model_dir = resolve_export_source(spec)
-    reader = CheckpointReader(model_dir, need_family=False)
+    reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
     readers = [reader]
     config = {k: v for k, v in reader.config.items() if k not in PRIVATE_CONFIG_KEYS}
     lineage = reader.lineage()
     results = find_eval_results(model_dir, eval_dir)
-    outputs = [OutputTensor(TensorSlot(t.name, t.dtype, t.shape), RawCopy(t)) for t in reader]
+    outputs = [unchanged_tensor(reader, t) for t in reader]
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
     remote_code = is_composed(model_dir) and bool(config.get("anchor_path"))
     if remote_code:

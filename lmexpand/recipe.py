@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from lmexpand.errors import ConfigError
 from lmexpand.faults import kill_point
-from lmexpand.validation import validate
+from lmexpand.validation import STRICT, validate
 
 log = logging.getLogger("lmexpand")
 
@@ -50,14 +50,9 @@ def _inside(path: str, root: str) -> bool:
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
-    import yaml
+    from lmexpand.yamlio import load_yaml
 
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror}).") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+    doc = load_yaml(path, "recipe")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with sections surgery, train, eval, export.")
     return doc
@@ -90,7 +85,7 @@ def _resolve_data(base: Path, values: dict[str, Any]) -> None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
 
 class SurgerySection(_Section):
@@ -110,6 +105,7 @@ class EvalSection(_Section):
     seq_len: int = Field(256, gt=1)
     stride: int | None = Field(None, gt=0)
     samples: bool = True
+    allow_pickle: bool = Field(False, description="accept pickle-only weights (pytorch_model.bin), weights-only")
     out: str | None = None
 
 
@@ -223,7 +219,58 @@ def load_job(path: Path) -> Job:
         job.export_out = Path(_resolve(base, recipe.export.out)) if recipe.export.out else workdir / "export"
     if not any((job.surgery, job.train, job.eval, job.export)):
         raise ConfigError(f"{path}: the recipe has no section to run (surgery, train, eval, export).")
+    _check_job(job, source_model)
     return job
+
+
+def _check_job(job: Job, source_model: str | None) -> None:
+    """What each stage will need, checked now so that a recipe `--check` calls valid does
+    not fail later for a reason it could have known: the workdir, every stage's output
+    against every input (the recipe itself included) and against the other outputs, the
+    training data (fields, --loss-from), the model's tokenizer and max positions."""
+    from lmexpand.checkpoint.sources import resolve_source
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+    from lmexpand.checkpoint.writer import check_output
+    from lmexpand.train.data import check_sources
+
+    where = str(job.path)
+    if job.workdir.exists() and not job.workdir.is_dir():
+        raise ConfigError(f"{where}: workdir {job.workdir} is a file. Give a directory (it is created if missing).")
+    inputs: list[tuple[str, Path]] = [("recipe", job.path)]
+    outputs: list[tuple[str, Path, bool]] = []  # (key, path, replaced when the stage runs)
+    if job.surgery is not None:
+        _, _, sources, out = job.surgery
+        inputs += [("surgery.source", resolve_source(x)) for x in sources]
+        outputs.append(("surgery.out", out, True))
+    if job.train is not None:
+        inputs += [("train.data", d.path) for d in job.train.data]
+        if job.surgery is None:
+            inputs.append(("train.model", resolve_source(job.train.model)))
+        outputs.append(("train.out", job.train.out, True))
+    if job.eval is not None:
+        inputs += [(f"eval.data.{k}", Path(v)) for k, v in job.eval.data.items()]
+        if job.eval.base:
+            inputs.append(("eval.base", resolve_source(job.eval.base)))
+        outputs.append(("eval.out", job.eval_out, False))
+    if job.export is not None:
+        outputs.append(("export.out", job.export_out, True))
+    for i, (key, out, replaces) in enumerate(outputs):
+        others = [(k, p) for j, (k, p, _) in enumerate(outputs) if j != i]
+        check_output(out, inputs=[*inputs, *others], force=True, replaces=replaces, label=key, where=where)
+    if job.train is not None:
+        check_sources(job.train.data)
+    model = source_model if job.surgery is not None else (str(job.train.model) if job.train is not None else None)
+    if model is not None:
+        model_dir = resolve_source(model)
+        load_tokenizer(model_dir, what=f"{where}: the model")
+        seq_lens = [("train.seq_len", job.train.seq_len)] if job.train is not None else []
+        seq_lens += [("eval.seq_len", job.eval.seq_len)] if job.eval is not None else []
+        cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+        max_pos = cfg.get("max_position_embeddings")
+        for key, n in seq_lens:
+            if isinstance(max_pos, int) and n > max_pos:
+                raise ConfigError(f"{where}: {key}: {n} exceeds the model's max_position_embeddings ({max_pos}). "
+                                  f"Use {max_pos} or less.")
 
 
 def _digest(*parts: Any) -> str:
@@ -249,7 +296,43 @@ def _mark(job: Job, stage: str, fp: str, output: Path, state: str = "done") -> N
 
 def run_job(job: Job) -> dict[str, str]:
     """Run the stages in order; a stage whose inputs (fingerprints) did not change since it
-    completed is skipped, so a crashed run continues where it stopped."""
+    completed is skipped, so a crashed run continues where it stopped. One run per workdir
+    at a time: a second one is refused, naming the first."""
+    with _workdir_lock(job):
+        return _run_stages(job)
+
+
+class _workdir_lock:
+    """An exclusive ``flock`` on WORKDIR/.lmexpand-run/lock, held for the whole run (the
+    kernel drops it when the process dies, so a killed run never blocks the next one)."""
+
+    def __init__(self, job: Job):
+        self.path = job.workdir / ".lmexpand-run" / "lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_workdir_lock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent.parent}: another `lmexpand run` (pid {holder}) is working in this "
+                              "workdir. Wait for it to finish, or give this recipe another workdir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _run_stages(job: Job) -> dict[str, str]:
     from lmexpand.checkpoint.reader import CheckpointReader
     from lmexpand.checkpoint.sources import open_source, resolve_source
 
@@ -258,7 +341,7 @@ def run_job(job: Job) -> dict[str, str]:
     if job.surgery is not None:
         method, cfg, sources, out = job.surgery
         readers = [open_source(x) for x in sources]
-        plan = method.plan(readers, cfg)  # headers only: cheap, and it names every source read
+        plan = method.checked_plan(readers, cfg)  # headers only: cheap, and it names every source read
         fp = _digest("surgery", method.name, cfg.model_dump(mode="json"),
                      [r.fingerprint()["sha256"] for r in (plan.readers or readers)])
         if _done(job, "surgery", fp, out):
@@ -307,7 +390,7 @@ def run_job(job: Job) -> dict[str, str]:
             compare = [("expanded", outputs["surgery"])] if "surgery" in outputs and "train" in outputs else []
             spec = str(Path(outputs["train"]).parent) if "train" in outputs else str(model_dir)
             run_eval(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
-                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples)
+                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples, allow_pickle=ev.allow_pickle)
             _mark(job, "eval", fp, out / "results.json")
         outputs["eval"] = str(out / "report.md")
         upstream = _digest(upstream, fp)

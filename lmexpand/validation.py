@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Mapping, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmexpand.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+# Every typed config of lmexpand (training, surgery and merge arguments, recipe sections):
+# immutable, unknown keys are errors, and numbers must be finite (``--lr inf``, ``nan``).
+STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+_SHOWN = 120  # characters of a bad value quoted in a message
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text):,} characters)"
 
 
 def flag_name(field: str) -> str:
@@ -31,6 +41,8 @@ def validate(model: type[M], values: Mapping[str, Any], *, what: str, style: str
             elif err["type"] == "extra_forbidden":
                 allowed = ", ".join(model.model_fields)
                 problems.append(f"{shown}: unknown {'option' if style == 'flag' else 'key'} (allowed: {allowed})")
+            elif not loc:  # a rule across fields: its message names them (the input is the whole config)
+                problems.append(msg)
             else:
-                problems.append(f"{shown + ': ' if shown else ''}{msg} (got {err.get('input')!r})")
+                problems.append(f"{shown}: {msg} (got {_shown(err.get('input'))})")
         raise ConfigError(f"{what}: " + "; ".join(problems) + ".") from None

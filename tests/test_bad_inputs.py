@@ -62,8 +62,8 @@ def _edit_config(d: Path, **changes) -> Path:
     return d
 
 
-def _train(ctx: Ctx, model, data=None, *extra) -> list:
-    return ["train", "--model", model, "--data", data or ctx.data, "--template", TEMPLATE, "--out", ctx.out,
+def _train(ctx: Ctx, model, data=None, *extra, out=None) -> list:
+    return ["train", "--model", model, "--data", data or ctx.data, "--template", TEMPLATE, "--out", out or ctx.out,
             "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--no-tensorboard",
             *extra]
 
@@ -135,6 +135,106 @@ def _symlink_recipe(ctx: Ctx) -> Path:
         link.symlink_to(ctx.data)  # points outside the recipe's directory
     return _recipe(ctx, "symlink-recipe", {"train": {"model": str(ctx.pro), "data": [{"path": "data.jsonl",
                                                                                        "template": TEMPLATE}]}})
+
+
+def _no_tokenizer(ctx: Ctx, name: str = "no-tokenizer", src: Path | None = None) -> Path:
+    d = ctx.model_copy(name, src)
+    for f in list(d.iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    return d
+
+
+def _corrupt_tokenizer(ctx: Ctx) -> Path:
+    d = ctx.model_copy("bad-tokenizer", ctx.pro)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    return d
+
+
+def _big_tokenizer(ctx: Ctx) -> Path:
+    """The tiny Llama (vocab_size 320) with the 384-token tokenizer of the tiny Qwen2."""
+    d = ctx.model_copy("big-tokenizer")
+    for f in ctx.qwen.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def _symlink_to(ctx: Ctx, name: str, target: Path) -> Path:
+    link = ctx.root / "inputs" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(target)
+    return link
+
+
+def _bomb(ctx: Ctx) -> Path:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return _recipe(ctx, "bomb", "\n".join(lines) + "\n")
+
+
+def _train_recipe(ctx: Ctx, name: str, **train) -> Path:
+    doc = {"train": {"model": str(ctx.pro), "data": [{"path": str(ctx.data), "template": TEMPLATE}], "seq_len": 32,
+                     "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "tensorboard": False, **train}}
+    return _recipe(ctx, name, doc)
+
+
+def _state_edit(ctx: Ctx, name: str, fn) -> Path:
+    """A copy of the tiny Llama whose weights ``fn(state)`` changed (saved as safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    d = ctx.root / "inputs" / name
+    if d.exists():
+        return d
+    d = ctx.model_copy(name)
+    state = load_file(d / "model.safetensors")
+    fn(state)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def _nan_ffn(state) -> None:
+    state["model.layers.0.mlp.up_proj.weight"][3, 3] = float("nan")
+
+
+def _wrong_q_shape(state) -> None:
+    q = state["model.layers.1.self_attn.q_proj.weight"]
+    state["model.layers.1.self_attn.q_proj.weight"] = q[:-16].clone()
+
+
+def _overlapping_header(ctx: Ctx) -> Path:
+    d = ctx.model_copy("overlap-header")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = header[names[0]], header[names[1]]
+    if a["shape"] == b["shape"] and a["dtype"] == b["dtype"]:
+        b["data_offsets"] = list(a["data_offsets"])  # two tensors read the same bytes
+    else:  # shift the second tensor's range back into the first's
+        size = b["data_offsets"][1] - b["data_offsets"][0]
+        b["data_offsets"] = [a["data_offsets"][1] - 4, a["data_offsets"][1] - 4 + size]
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    return d
+
+
+def _pickle_copy(ctx: Ctx, name: str) -> Path:
+    """A copy of the tiny Llama with only pytorch_model.bin (a real weights-only pickle)."""
+    import torch
+    from safetensors.torch import load_file
+
+    d = ctx.root / "inputs" / name
+    if d.exists():
+        return d
+    d = ctx.model_copy(name)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return d
 
 
 CASES: list[Case] = [
@@ -284,6 +384,191 @@ CASES: list[Case] = [
          lambda c: ["eval", c.pro, "--data", f"math={c.root / 'gone.jsonl'}", "--out", c.out], ("gone.jsonl",)),
     Case("verify-corrupted", "verify of a model whose shard changed", lambda c: ["verify", _corrupted_pro(c)],
          ("sha256",)),
+
+    # -- round two: no command deletes or writes into its own inputs --------------------
+    Case("train-out-is-model", "train --out the model it trains, with --force",
+         lambda c: (lambda m: _train(c, m, None, "--force", out=m))(c.model_copy("self", c.pro)),
+         ("is the --model",)),
+    Case("train-out-holds-model", "train --out a parent of the model, with --force",
+         lambda c: ["train", "--model", c.model_copy("nested/pro", c.pro), "--data", c.data, "--template", TEMPLATE,
+                    "--out", c.root / "inputs" / "nested", "--seq-len", "32", "--max-steps", "2", "--force"],
+         ("inside the output", "--model")),
+    Case("train-out-inside-model", "train --out inside the model directory",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", TEMPLATE, "--out", c.pro / "run",
+                    "--seq-len", "32", "--max-steps", "2"], ("inside the --model",)),
+    Case("train-out-is-data", "train --out the training data file, with --force",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", TEMPLATE, "--out", c.data,
+                    "--seq-len", "32", "--max-steps", "2", "--force"], ("is the --data",)),
+    Case("train-out-symlink-to-model", "train --out a symlink to the model, with --force",
+         lambda c: ["train", "--model", c.pro, "--data", c.data, "--template", TEMPLATE, "--out",
+                    _symlink_to(c, "link-to-pro", c.pro), "--seq-len", "32", "--max-steps", "2", "--force"],
+         ("is the --model",)),
+    Case("surgery-out-is-source", "surgery writing over its own source, with --force",
+         lambda c: ["surgery", "llama-pro", c.model_copy("src-self"), c.root / "inputs" / "src-self", "--add", "1",
+                    "--force"], ("is the source",)),
+    Case("export-out-is-source", "export over the model it exports, with --force",
+         lambda c: ["export", c.model_copy("export-self", c.pro), c.root / "inputs" / "export-self", "--force"],
+         ("is the source",)),
+    Case("eval-out-is-model", "eval writing its report into the model directory",
+         lambda c: ["eval", c.pro, "--data", f"math={c.data}", "--template", TEMPLATE, "--out", c.pro,
+                    "--max-tokens", "64", "--seq-len", "32"], ("--out", "model")),
+    Case("eval-out-inside-model", "eval --out inside the model directory",
+         lambda c: ["eval", c.pro, "--data", f"math={c.data}", "--template", TEMPLATE, "--out", c.pro / "report",
+                    "--max-tokens", "64", "--seq-len", "32"], ("inside the evaluated model",)),
+    Case("run-out-holds-recipe", "a recipe whose surgery output is the recipe's own directory",
+         lambda c: ["run", _recipe(c, "holds", {"surgery": {"method": "llama-pro", "source": str(c.tiny),
+                                                          "out": ".", "args": {"add": 1}}})],
+         ("surgery.out", "recipe")),
+    Case("run-train-out-is-model", "a recipe training into its own model directory",
+         lambda c: ["run", _train_recipe(c, "train-self", model=str(c.model_copy("rself", c.pro)),
+                                         out=str(c.root / "inputs" / "rself"))], ("train.out", "train.model")),
+    Case("run-outputs-overlap", "a recipe whose eval output lies inside its training output",
+         lambda c: ["run", _recipe(c, "overlap", {
+             "train": {"model": str(c.pro), "data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32,
+                       "max_steps": 2, "out": "run"},
+             "eval": {"data": {"math": str(c.data)}, "template": TEMPLATE, "out": "run/eval"}})],
+         ("eval.out", "train.out")),
+    Case("run-workdir-is-file", "a recipe whose workdir is a file",
+         lambda c: ["run", _recipe(c, "wd-file", {"workdir": str(c.data), "train": {
+             "model": str(c.pro), "data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32}})],
+         ("workdir", "is a file")),
+    # -- output paths ------------------------------------------------------------------
+    Case("surgery-parent-is-file", "an output whose parent is a file",
+         lambda c: ["surgery", "llama-pro", c.tiny, c.file("plain-file", "x") / "out", "--add", "1"],
+         ("parent", "is a file")),
+    Case("train-out-is-file", "train --out an existing file",
+         lambda c: _train(c, c.pro, None, out=c.file("out-file", "x")),
+         ("is a file",)),
+    Case("export-parent-is-file", "export into a path under a file",
+         lambda c: ["export", c.pro, c.file("exp-file", "x") / "sub" / "out"], ("parent", "is a file")),
+    Case("eval-out-parent-is-file", "eval --out under a file, refused before scoring",
+         lambda c: ["eval", c.pro, "--data", f"math={c.data}", "--template", TEMPLATE, "--out",
+                    c.file("eval-file", "x") / "report", "--max-tokens", "64", "--seq-len", "32"],
+         ("parent", "is a file")),
+    # -- non-finite arguments -----------------------------------------------------------
+    Case("train-lr-inf", "--lr inf", lambda c: _train(c, c.pro, None, "--lr", "inf"), ("--lr", "finite")),
+    Case("train-lr-nan", "--lr nan", lambda c: _train(c, c.pro, None, "--lr", "nan"), ("--lr", "finite")),
+    Case("train-grad-norm-inf", "--max-grad-norm inf", lambda c: _train(c, c.pro, None, "--max-grad-norm", "inf"),
+         ("--max-grad-norm", "finite")),
+    Case("upscale-seam-scale-inf", "upscale --seam-scale inf",
+         lambda c: ["surgery", "upscale", c.tiny, c.out, "--drop", "1", "--seam-scale", "inf"],
+         ("--seam-scale", "finite")),
+    Case("moe-noise-inf", "moe --noise inf",
+         lambda c: ["surgery", "moe", c.tiny, c.out, "--experts", "2", "--noise", "inf"], ("--noise", "finite")),
+    Case("recipe-lr-inf", "a recipe with lr: .inf",
+         lambda c: ["run", _recipe(c, "lr-inf", "train:\n  model: " + str(c.pro) + "\n  data: [{path: " + str(c.data)
+                                   + "}]\n  lr: .inf\n")], ("lr", "finite")),
+    # -- checks before the work --------------------------------------------------------
+    Case("run-check-missing-field", "run --check: the template names a field the data lacks",
+         lambda c: ["run", _train_recipe(c, "chk-field", data=[{"path": str(c.data), "template": "{nope}"}]),
+                    "--check"], ("nope",)),
+    Case("run-check-seq-len", "run --check: train.seq_len beyond the model's positions",
+         lambda c: ["run", _train_recipe(c, "chk-seq", seq_len=100000), "--check"],
+         ("train.seq_len", "max_position_embeddings")),
+    Case("run-check-loss-from", "run --check: a loss_from marker no document contains",
+         lambda c: ["run", _train_recipe(c, "chk-lossfrom", data=[{"path": str(c.data), "template": TEMPLATE,
+                                                                   "loss_from": "Réponse:"}]), "--check"],
+         ("Réponse:",)),
+    Case("run-check-no-tokenizer", "run --check: the model has no tokenizer",
+         lambda c: ["run", _train_recipe(c, "chk-tok", model=str(_no_tokenizer(c, "rno-tok", c.pro))), "--check"],
+         ("no tokenizer", "Copy")),
+    Case("eval-seq-len", "eval --seq-len beyond the model's positions",
+         lambda c: ["eval", c.pro, "--data", f"math={c.data}", "--template", TEMPLATE, "--out", c.out,
+                    "--seq-len", "100000"], ("--seq-len", "max_position_embeddings")),
+    # -- tokenizers --------------------------------------------------------------------
+    Case("train-no-tokenizer", "train a model directory without a tokenizer",
+         lambda c: _train(c, _no_tokenizer(c, "tno-tok", c.pro)), ("no tokenizer", "Copy")),
+    Case("train-corrupt-tokenizer", "train a model whose tokenizer.json is cut short",
+         lambda c: _train(c, _corrupt_tokenizer(c)), ("tokenizer cannot be loaded",)),
+    Case("train-tokenizer-too-big", "a tokenizer with more tokens than the model's vocab_size",
+         lambda c: _train(c, _big_tokenizer(c), None, "--trainable", "all"), ("vocab_size", "384 tokens")),
+    Case("eval-no-tokenizer", "eval a model directory without a tokenizer",
+         lambda c: ["eval", _no_tokenizer(c, "eno-tok"), "--data", f"math={c.data}", "--template", TEMPLATE,
+                    "--out", c.out], ("no tokenizer",)),
+    Case("eval-different-tokenizers", "eval side by side with a base of another tokenizer",
+         lambda c: ["eval", c.pro, "--base", c.qwen, "--data", f"math={c.data}", "--template", TEMPLATE,
+                    "--out", c.out], ("different tokenizers",)),
+    # -- recipes (YAML) ------------------------------------------------------------------
+    Case("recipe-alias-bomb", "a 900-byte YAML alias bomb", lambda c: ["run", _bomb(c), "--check"], ("aliases",)),
+    Case("recipe-duplicate-key", "a key given twice in one mapping",
+         lambda c: ["run", _recipe(c, "dup", "train:\n  lr: 1.0e-4\n  lr: 3.0e-4\n"), "--check"],
+         ("'lr'", "twice")),
+    Case("recipe-not-utf8", "a recipe in Latin-1",
+         lambda c: ["run", (lambda p: (p.write_bytes("name: caf\u00e9\n".encode("latin-1")), p)[1])(
+             c.root / "inputs" / "latin1.yaml"), "--check"], ("UTF-8",)),
+    Case("recipe-too-large", "a recipe of several megabytes",
+         lambda c: ["run", c.file("huge.yaml", "# " + "x" * (2 << 20) + "\n"), "--check"], ("too large",)),
+    Case("recipe-is-directory", "a directory given as the recipe",
+         lambda c: ["run", c.file("recipe-dir/x.txt", "x").parent, "--check"], ("recipe-dir",)),
+    # -- silently wrong ----------------------------------------------------------------
+    Case("train-loss-from-absent", "--loss-from text that occurs in no document",
+         lambda c: _train(c, c.pro, None, "--loss-from", "Réponse:"), ("Réponse:", "no document")),
+    Case("train-lora-r-zero", "--lora-r 0", lambda c: _train(c, c.pro, None, "--lora", "--lora-r", "0"),
+         ("--lora-r",)),
+    Case("train-lora-targets-nomatch", "--lora-targets that match no module",
+         lambda c: _train(c, c.pro, None, "--lora", "--lora-targets", "qkv_proj"), ("qkv_proj", "q_proj")),
+    # -- defaults that conflict with what the user set ---------------------------------
+    Case("train-warmup-exceeds", "--warmup-steps above --max-steps (one line, no config dump)",
+         lambda c: _train(c, c.pro, None, "--max-steps", "2", "--warmup-steps", "9"),
+         ("--warmup-steps", "at most 2")),
+    # -- checkpoints: checked against the config before planning -------------------------
+    Case("surgery-wrong-shape", "a q_proj whose shape the config does not imply",
+         lambda c: ["surgery", "llama-pro", _state_edit(c, "wrong-q", _wrong_q_shape), c.out, "--add", "1"],
+         ("q_proj", "do not match config.json", "lmexpand verify")),
+    Case("surgery-config-fewer-layers", "a config counting fewer layers than the tensors hold",
+         lambda c: ["surgery", "llama-pro", _edit_config(c.model_copy("fewer-layers"), num_hidden_layers=3), c.out,
+                    "--add", "1"], ("model.layers.3", "does not have")),
+    Case("header-overlap", "a safetensors header whose tensors share bytes",
+         lambda c: ["inspect", _overlapping_header(c)], ("overlap",)),
+    Case("surgery-nan-computed", "a NaN in a source tensor the surgery computes from",
+         lambda c: ["surgery", "moe", _state_edit(c, "nan-ffn", _nan_ffn), c.out, "--segments", "2"],
+         ("non-finite", "up_proj", "nothing was written")),
+    Case("surgery-nested-out-refused", "a refused surgery into missing parent directories creates none",
+         lambda c: ["surgery", "llama-pro", _state_edit(c, "wrong-q", _wrong_q_shape), c.root / "a" / "b" / "c",
+                    "--add", "1"], ("do not match",)),
+    Case("eval-base-pickle", "eval --base of pickle-only weights without --allow-pickle",
+         lambda c: ["eval", c.tiny, "--base", (lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin"),
+                                                          d)[1])(c.model_copy("pickle-base")),
+                    "--data", f"math={c.data}", "--template", TEMPLATE, "--out", c.out], ("--allow-pickle",)),
+    Case("upscale-seam-scale-nan", "upscale --seam-scale nan",
+         lambda c: ["surgery", "upscale", c.tiny, c.out, "--drop", "1", "--seam-scale", "nan"],
+         ("--seam-scale", "finite")),
+    Case("train-min-lr-ratio-nan", "--min-lr-ratio nan", lambda c: _train(c, c.pro, None, "--min-lr-ratio", "nan"),
+         ("--min-lr-ratio", "finite")),
+    Case("moe-bias-gap-inf", "moe --bias-gap inf",
+         lambda c: ["surgery", "moe", c.tiny, c.out, "--segments", "2", "--bias-gap", "inf"],
+         ("--bias-gap", "finite")),
+    Case("recipe-many-aliases", "a recipe with 1,500 alias references",
+         lambda c: ["run", _recipe(c, "aliases", "a: &a 1\nb: [" + ", ".join(["*a"] * 1500) + "]\n"), "--check"],
+         ("aliases",)),
+    Case("recipe-duplicate-nested", "a key given twice inside a data entry",
+         lambda c: ["run", _recipe(c, "dup-nested", "train:\n  model: " + str(c.pro) + "\n  data:\n    - path: "
+                                   + str(c.data) + "\n      template: a\n      template: b\n"), "--check"],
+         ("'template'", "twice")),
+    Case("train-pickle", "train pickle-only weights without --allow-pickle",
+         lambda c: _train(c, _pickle_copy(c, "pickle-train"), None, "--trainable", "all"), ("--allow-pickle",)),
+    Case("export-pickle", "export pickle-only weights without --allow-pickle",
+         lambda c: ["export", _pickle_copy(c, "pickle-export"), c.out], ("--allow-pickle",)),
+    Case("eval-compare-pickle", "eval --compare of pickle-only weights without --allow-pickle",
+         lambda c: ["eval", c.tiny, "--compare", f"old={_pickle_copy(c, 'pickle-compare')}", "--data",
+                    f"math={c.data}", "--template", TEMPLATE, "--out", c.out], ("--allow-pickle",)),
+    Case("train-out-parent-is-file", "train --out under a file",
+         lambda c: _train(c, c.pro, None, out=c.file("train-file", "x") / "run"), ("parent", "is a file")),
+    Case("eval-compare-other-tokenizer", "eval --compare a model of another tokenizer",
+         lambda c: ["eval", c.tiny, "--compare", f"other={c.qwen}", "--data", f"math={c.data}", "--template",
+                    TEMPLATE, "--out", c.out], ("different tokenizers", "other")),
+    Case("run-check-eval-seq-len", "run --check: eval.seq_len beyond the model's positions",
+         lambda c: ["run", _recipe(c, "chk-eval-seq", {
+             "train": {"model": str(c.pro), "data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32},
+             "eval": {"data": {"math": str(c.data)}, "template": TEMPLATE, "seq_len": 100000}}), "--check"],
+         ("eval.seq_len", "max_position_embeddings")),
+    Case("run-eval-out-is-base", "a recipe writing its eval report into the base model",
+         lambda c: ["run", _recipe(c, "eval-into-base", {
+             "train": {"model": str(c.pro), "data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32},
+             "eval": {"data": {"math": str(c.data)}, "template": TEMPLATE, "base": str(c.tiny),
+                      "out": str(c.tiny)}}), "--check"], ("eval.out", "eval.base")),
+    Case("verify-overlap", "verify of a file whose tensors share bytes",
+         lambda c: ["verify", _overlapping_header(c)], ("overlap",)),
 ]
 
 
@@ -357,7 +642,7 @@ def test_bad_input(case: Case, ctx: Ctx, tiny_llama, tiny_pro):
 
 def test_catalogue_is_large_and_documented():
     ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)) and len(ids) >= 40
+    assert len(ids) == len(set(ids)) and len(ids) >= 120
     doc = (REPO / "docs" / "errors.md").read_text()
     undocumented = [i for i in ids if f"`{i}`" not in doc]
     assert not undocumented, f"add to docs/errors.md (python -m tests.test_bad_inputs): {undocumented}"

@@ -54,6 +54,10 @@ def build_tiny_model(variant: str, path: Path, seed: int = 0, **overrides) -> Pa
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     save_tiny_tokenizer(path, model.config.vocab_size)
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(path))
+    assert n <= model.config.vocab_size, f"tiny tokenizer of {n} tokens for vocab_size {model.config.vocab_size}"
     return path
 
 
@@ -70,5 +74,8 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = 320) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([sample], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    # unk named explicitly: loaded in a Qwen2 directory, the tokenizer class would otherwise add
+    # its own "<|endoftext|>" unk token, one id beyond the vocabulary
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<pad>")
     fast.save_pretrained(path)

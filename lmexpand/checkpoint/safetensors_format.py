@@ -104,7 +104,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             "the download is incomplete: re-download or re-create this file."
         )
     # Keep the file's own order (by offset): sequential reads are fastest.
-    ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].offset))
+    ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)))
+    prev: TensorInfo | None = None
+    for t in ordered.values():  # safetensors and transformers refuse overlapping tensors: so do we
+        if prev is not None and t.offset < prev.offset + prev.nbytes and t.nbytes and prev.nbytes:
+            raise CheckpointError(
+                f"{path}: tensors {prev.name!r} and {t.name!r} overlap in the file (bytes "
+                f"{prev.offset - data_start}-{prev.offset - data_start + prev.nbytes} and {t.offset - data_start}-"
+                f"{t.offset - data_start + t.nbytes}): the header is damaged or forged. Re-create the file.")
+        prev = t
     return ordered, {str(k): str(v) for k, v in metadata.items()}
 
 

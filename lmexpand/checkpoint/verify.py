@@ -135,6 +135,20 @@ def _check_structure(reader: CheckpointReader, report: Report) -> None:
     report.structure = "names and shapes match the config" if not report.problems else "mismatch"
 
 
+def require_structure(reader: CheckpointReader) -> None:
+    """Every tensor's name and shape as the config's architecture implies, or a
+    :class:`CheckpointError` naming the first difference (surgery calls this before it
+    writes: a wrong q_proj shape was once reported function-preserving; a config that counts
+    fewer layers than the tensors hold would silently drop layers)."""
+    report = Report(path=str(reader.path))
+    _check_structure(reader, report)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise CheckpointError(
+            f"{reader.path}: the weights do not match config.json: {report.problems[0]}{more}. Fix config.json or "
+            f"use the weights it belongs to (`lmexpand verify {reader.path}` lists every difference).")
+
+
 def verify(model_dir: str | Path, *, values: str = "new") -> Report:
     """Every check ``lmexpand verify`` runs. ``values``: 'new' (tensors lmexpand.json lists
     as new), 'all', or 'none' for the NaN/Inf scan."""

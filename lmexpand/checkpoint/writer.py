@@ -215,30 +215,61 @@ def _within(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_target(target: Path, *, force: bool, sources: Iterable[Path] = ()) -> Path:
-    """Refuse a target that would destroy data: non-empty without ``force``, inside a source,
-    or holding a source. Returns the resolved target."""
-    resolved = target.resolve()
-    for src in sources:
+def existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of ``path`` (itself included) that exists."""
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(target: Path, *, inputs: Iterable[tuple[str, Path]] = (), force: bool = False,
+                 label: str = "output", kind: str = "dir", replaces: bool = True, where: str = "") -> Path:
+    """The one check of an output location, before any work (every command calls it).
+
+    Refuses, naming the path and the fix: an output that is, contains or lies inside any
+    input (symlinks resolved: ``--out`` equal to the model being trained, or a parent of it,
+    would delete it under ``--force``); a file where a directory goes (or the reverse); a
+    parent that is a file; a location whose nearest existing parent is not writable; and,
+    when the output ``replaces`` what is there, a non-empty one without ``force``. Creates
+    nothing. Returns the resolved target. ``inputs`` are (what, path) pairs, e.g.
+    ("--model", model_dir), ("--data", file). ``where`` prefixes the message (a recipe's path).
+    """
+    pre = f"{where}: " if where else ""
+    resolved = Path(os.path.abspath(target)).resolve()
+    for what, src in inputs:
         src_resolved = Path(src).resolve()
-        if _within(resolved, src_resolved):
-            raise TargetError(
-                f"{target}: the output would be inside the source {src}. "
-                "Choose an output directory outside the source model."
-            )
-        if _within(src_resolved, resolved):
-            raise TargetError(
-                f"{target}: the source {src} is inside the output directory, which would be "
-                "replaced. Choose another output directory."
-            )
+        if resolved == src_resolved:
+            raise TargetError(f"{pre}{label} {target} is the {what} {src} this command reads: it would be "
+                              f"{'replaced' if replaces else 'written into'}. Choose another {label}.")
+        if _within(src_resolved, resolved) and replaces:
+            raise TargetError(f"{pre}{label} {target}: the {what} {src} this command reads is inside the output "
+                              f"directory, which would be replaced. Choose a {label} that does not hold its inputs.")
+        if _within(resolved, src_resolved) and (src_resolved.is_dir() or not src_resolved.exists()):
+            raise TargetError(f"{pre}{label} {target} is inside the {what} {src} this command reads: writing there "
+                              f"changes an input. Choose a {label} outside it.")
+    anc = existing_ancestor(resolved)
+    if anc != resolved and not anc.is_dir():
+        raise TargetError(f"{pre}{label} {target}: its parent {anc} is a file, not a directory. Choose another {label}.")
+    if not os.access(anc if anc != resolved else resolved.parent, os.W_OK | os.X_OK):
+        where = anc if anc != resolved else resolved.parent
+        raise TargetError(f"{pre}{label} {target}: {where} is not writable by this user. Choose a {label} where you can "
+                          "write, or fix the permissions.")
     if resolved.exists():
-        if not resolved.is_dir():
-            raise TargetError(f"{target}: exists and is a file. Remove it or choose another output directory.")
-        if any(resolved.iterdir()) and not force:
+        if kind == "dir" and not resolved.is_dir():
+            raise TargetError(f"{pre}{label} {target}: exists and is a file. Remove it or choose another {label}.")
+        if kind == "file" and resolved.is_dir():
+            raise TargetError(f"{pre}{label} {target}: is a directory. Give a file path.")
+        if replaces and kind == "dir" and any(resolved.iterdir()) and not force:
             raise TargetError(
-                f"{target}: exists and is not empty. Pass --force to replace it, or choose another output directory."
+                f"{pre}{label} {target}: exists and is not empty. Pass --force to replace it, or choose another {label}."
             )
     return resolved
+
+
+def check_target(target: Path, *, force: bool, sources: Iterable[Path] = ()) -> Path:
+    """A model directory written by the writer: :func:`check_output` with the sources as inputs."""
+    return check_output(target, inputs=[("source", Path(s)) for s in sources], force=force, label="output")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -397,14 +428,14 @@ def write_checkpoint(
     total = sum(t.slot.nbytes for t in tensors)
     extra = sum(len(v) if isinstance(v, bytes) else Path(v).stat().st_size for v in files.values())
 
-    resolved.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_partials(resolved)
-    free = shutil.disk_usage(resolved.parent).free
+    free = shutil.disk_usage(existing_ancestor(resolved.parent)).free
     if free < total + extra:
         raise DiskFullError(
             f"{target}: needs {human_bytes(total + extra)} but only {human_bytes(free)} is free "
             f"on that device. Free space or choose an output directory on another disk."
         )
+    resolved.parent.mkdir(parents=True, exist_ok=True)  # every check passed: only now create parents
+    clean_stale_partials(resolved)
 
     tmp = resolved.parent / f".{resolved.name}{_PARTIAL}{os.getpid()}"
     if tmp.exists():
@@ -525,15 +556,16 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def unchanged_tensor(reader, info: TensorInfo) -> OutputTensor:
+    """A source tensor written unchanged: its raw bytes from a safetensors file, or (a
+    weights-only pickle has no byte range to copy) the loaded tensor."""
+    producer = Computed(lambda n=info.name: reader.get_tensor(n)) if reader.is_pickle else RawCopy(info)
+    return OutputTensor(TensorSlot(info.name, info.dtype, info.shape), producer)
+
+
 def copy_checkpoint(reader, target: str | Path, **kwargs) -> Path:
     """Copy a checkpoint tensor by tensor (raw bytes) with its config and tokenizer files."""
-    if reader.is_pickle:
-        outputs = [
-            OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(lambda n=t.name: reader.get_tensor(n)))
-            for t in reader
-        ]
-    else:
-        outputs = [OutputTensor(TensorSlot(t.name, t.dtype, t.shape), RawCopy(t)) for t in reader]
+    outputs = [unchanged_tensor(reader, t) for t in reader]
     files: dict[str, bytes | Path] = {"config.json": reader.path / "config.json"}
     files.update({p.name: p for p in reader.carry_files()})
     kwargs.setdefault("sources", [reader.path])

@@ -32,10 +32,10 @@ def resolve_model(spec: str) -> tuple[Path, Path | None]:
     return path, None
 
 
-def parameter_accounting(model_dir: Path) -> dict[str, int]:
+def parameter_accounting(model_dir: Path, allow_pickle: bool = False) -> dict[str, int]:
     from lmexpand.checkpoint.reader import CheckpointReader
 
-    reader = CheckpointReader(model_dir, need_family=False)  # any architecture can be scored
+    reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)  # any architecture
     sizes = {t.name: t.numel for t in reader}
     lineage = reader.lineage() or {}
     new = set(lineage.get("new_parameters") or [])
@@ -49,13 +49,14 @@ def parameter_accounting(model_dir: Path) -> dict[str, int]:
 
 def _load(path: Path):
     import torch
-    from transformers import AutoTokenizer
 
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.composed import load_model, register_if_composed
 
     register_if_composed(path)
+    tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer fails fast
     model = load_model(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
 
 
 def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
@@ -68,9 +69,43 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[TextSet], out: Path,
+                          seq_len: int, allow_pickle: bool) -> None:
+    """What would make the scores fail or mean nothing, checked before any model is run:
+    --out usable and not an input, every row's tokenizer loadable and the same token->id map
+    (perplexities over different tokenizations are not comparable), --seq-len within every
+    row's positions."""
+    from lmexpand.checkpoint.reader import CheckpointReader
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+    from lmexpand.checkpoint.writer import check_output
+
+    names = {"model": "evaluated model", "base": "--base model"}
+    inputs = [*((names.get(label, f"--compare {label}"), path) for label, path in rows),
+              *((f"--data {t.name}", t.path) for t in text_sets)]
+    check_output(out, inputs=inputs, force=True, replaces=False, label="--out")
+    vocabs = {}
+    for label, path in rows:
+        # the pickle rule of every command: pickle-only weights need --allow-pickle (then weights-only)
+        CheckpointReader(path, allow_pickle=allow_pickle, need_family=False).close()
+        vocabs[label] = load_tokenizer(path, what=f"{label} model").get_vocab()
+        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")
+        if isinstance(max_pos, int) and seq_len > max_pos:
+            raise ConfigError(f"--seq-len {seq_len} exceeds the {label} model's max_position_embeddings ({max_pos}) "
+                              f"({path}). Use --seq-len {max_pos} or less.")
+    ref = vocabs["model"]
+    for label, vocab in vocabs.items():
+        if vocab != ref:
+            diff = len(set(vocab.items()) ^ set(ref.items()))
+            raise ConfigError(
+                f"the {label} model ({dict(rows)[label]}) and the evaluated model ({dict(rows)['model']}) have different "
+                f"tokenizers ({len(vocab):,} vs {len(ref):,} tokens, {diff:,} token->id pairs differ): their "
+                "perplexities count different tokens and cannot be compared side by side. Evaluate them separately.")
+
+
 def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: str | None = None,
              compare: Sequence[tuple[str, str]] = (), max_tokens: int = 16384, seq_len: int = 256,
-             stride: int | None = None, samples: bool = True) -> dict[str, Any]:
+             stride: int | None = None, samples: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
     if not text_sets:
         raise ConfigError("give at least one --data NAME=FILE to score.")
     names = [t.name for t in text_sets]
@@ -83,10 +118,11 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         rows.append(("base", resolve_model(base)[0]))
     rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
     rows.append(("model", model_dir))
+    _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)
 
     results: dict[str, Any] = {
         "model": str(model_dir), "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "stride": stride},
-        "perplexity": {}, "parameters": parameter_accounting(model_dir),
+        "perplexity": {}, "parameters": parameter_accounting(model_dir, allow_pickle),
     }
     loaded: dict[str, Any] = {}
     tokenizer = None  # the first row's, for the MoE load

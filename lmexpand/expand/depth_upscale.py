@@ -24,13 +24,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lmexpand.checkpoint.limits import MAX_LAYERS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Op, Plan, Read, Scale, TensorPlan
 from lmexpand.expand.registry import MethodConfig, comma_list, names_matching, register_method
+from lmexpand.validation import STRICT
 
 log = logging.getLogger("lmexpand")
 
@@ -41,7 +42,7 @@ _SLICE_TEXT = re.compile(r"^\s*(?:([\w.-]+):)?\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
 class SliceSpec(BaseModel):
     """Layers ``[start, end)`` of one model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
     model: str = Field(SOURCE, description="'source' (the SOURCE argument) or a name from `models`")
     layers: tuple[int, int] = Field(description="[start, end): 0-based, end excluded")

@@ -86,9 +86,17 @@ def execute(
         if isinstance(op, Zeros):
             outputs.append(OutputTensor(slot, ZeroBytes()))
         else:
-            outputs.append(OutputTensor(slot, Computed(lambda t=t: compute_tensor(t, get))))
+            outputs.append(OutputTensor(slot, Computed(lambda t=t: _finite(t, compute_tensor(t, get)))))
 
     files: dict[str, bytes | Path] = {p.name: p for p in readers[0].carry_files()}
+    from lmexpand.checkpoint.tokenizer import TOKENIZER_FILES
+
+    if not any(name in files for name in TOKENIZER_FILES):
+        import logging
+
+        logging.getLogger("lmexpand").warning(
+            "warning: the source %s has no tokenizer, so neither will %s: train, eval and generate need one "
+            "(copy the base model's tokenizer files into it)", readers[0].path, out)
     files["config.json"] = (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode()
     files[LINEAGE_FILE] = (json.dumps(lineage_record(plan, readers), indent=2) + "\n").encode()
     try:
@@ -99,6 +107,36 @@ def execute(
     finally:
         for r in readers:
             r.close()
+
+
+def _finite(t, value: "torch.Tensor") -> "torch.Tensor":
+    """Every tensor the plan computes is in memory anyway: one that holds NaN/Inf (from a
+    source tensor it read, or from the arithmetic) stops the write, naming it. Raw-copied
+    tensors are not read; `lmexpand verify --values all` scans those."""
+    import torch
+
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        from lmexpand.errors import CheckpointError
+
+        bad = int((~torch.isfinite(value)).sum())
+        reads = sorted({f"{r.name}" for r in _reads(t.op)})
+        raise CheckpointError(
+            f"{t.name}: the surgery computed {bad:,} non-finite value(s) (NaN/Inf) for this tensor, from "
+            f"{', '.join(reads) or 'no source tensor'}; nothing was written. Check the source with "
+            "`lmexpand verify SOURCE --values all`, and the surgery's numeric arguments.")
+    return value
+
+
+def _reads(op) -> list:
+    """The source reads an op depends on."""
+    if isinstance(op, Read):
+        return [op]
+    found = []
+    for v in getattr(op, "__dict__", {}).values():
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if hasattr(x, "__dict__") and x.__class__.__module__ == Read.__module__:
+                found += _reads(x)
+    return found
 
 
 def apply_to_state_dicts(plan: Plan, state_dicts: Sequence[Mapping[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:

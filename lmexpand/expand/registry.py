@@ -13,18 +13,18 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan
-from lmexpand.validation import validate
+from lmexpand.validation import STRICT, validate
 
 
 class MethodConfig(BaseModel):
     """Base of every method's arguments: immutable, unknown keys are errors."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
 
 def comma_list(value: Any, choices: str) -> Any:
@@ -61,6 +61,17 @@ class SurgeryMethod:
     summary: str
     help: str
     sources: tuple[str, ...] = ("SOURCE",)
+
+    def checked_plan(self, readers: Sequence[CheckpointReader], cfg: MethodConfig) -> Plan:
+        """The plan, then every source it reads checked against its config (names and
+        shapes), before a byte is written: a plan computed from headers that contradict the
+        config would copy the wrong tensors and still claim what it promises."""
+        from lmexpand.checkpoint.verify import require_structure
+
+        plan = self.plan(readers, cfg)
+        for reader in plan.readers or readers:
+            require_structure(reader)
+        return plan
 
 
 METHODS: dict[str, SurgeryMethod] = {}

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from lmexpand.validation import validate
+from lmexpand.validation import STRICT, validate
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
 
 class DataSource(_Strict):
@@ -53,7 +53,8 @@ class TrainConfig(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps; when not given: 10, or a tenth of "
+                              "max_steps for runs shorter than 100 steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -66,6 +67,9 @@ class TrainConfig(_Strict):
         True, description="check the model's shards against the sha256 recorded in lmexpand.json before loading "
         "(one read of the weights); --no-verify-hashes skips it",
     )
+    allow_pickle: bool = Field(
+        False, description="accept a model whose weights are only pytorch_model.bin (pickle), loaded weights-only. "
+        "Only for trusted files")
     load_in_4bit: bool = Field(False, description="frozen base in 4-bit NF4 (bitsandbytes); trained tensors stay full precision")
     trainable: Literal["new", "all", "none"] | list[str] = Field(
         "new", description="'new' (lmexpand.json's new_parameters), 'all' (full fine-tuning), 'none' (with lora), or globs"
@@ -106,8 +110,11 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if "warmup_steps" not in self.model_fields_set:  # a default adapts to the run it is in
+            object.__setattr__(self, "warmup_steps", min(10, self.max_steps // 10))
+        elif self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup steps ({self.warmup_steps}) exceed max steps ({self.max_steps}): give "
+                             f"--warmup-steps (recipe key warmup_steps) of at most {self.max_steps}")
         return self
 
 

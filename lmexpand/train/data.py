@@ -78,6 +78,46 @@ def _jsonl_problem(src: DataSource, *, first_only: bool) -> ConfigError | None:
     return None if seen else ConfigError(f"data: {src.path}: no JSON records; there is nothing to train on.")
 
 
+def _loss_from_found(src: DataSource) -> bool:
+    """Whether any document holds the ``loss_from`` marker (read until the first one does)."""
+    if src.kind == "text":
+        with open(src.path, encoding="utf-8", errors="replace") as f:
+            tail = ""
+            for chunk in iter(lambda: f.read(1 << 20), ""):
+                if src.loss_from in tail + chunk:
+                    return True
+                tail = chunk[-len(src.loss_from):]
+        return False
+    with open(src.path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = src.template.format(**record) if src.template else str(record[src.field])
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                continue  # the record checks report bad lines
+            if src.loss_from in text:
+                return True
+    return False
+
+
+def check_sources(sources: Sequence[DataSource]) -> None:
+    """Everything about the training data that can be known without the tokenizer, before
+    any work (train's setup and `run --check` both call this): the files exist and are not
+    empty, JSONL records have the fields the template or text field needs, and a
+    ``loss_from`` marker occurs in at least one document (else every token would be context
+    and nothing would train)."""
+    for s in sources:
+        _check_source(s)
+        if s.kind == "jsonl":
+            _check_jsonl_fields(s)
+        if s.loss_from and not _loss_from_found(s):
+            raise ConfigError(f"data: {s.path}: no document contains the --loss-from text {s.loss_from!r}, so "
+                              "no token would be a target. Check its spelling and spacing (it is matched "
+                              "exactly, after the template is applied), or drop --loss-from.")
+
+
 def _check_jsonl_fields(src: DataSource) -> None:
     """Look at the first record: a missing field is an error naming the keys that exist."""
     problem = _jsonl_problem(src, first_only=True)
@@ -217,8 +257,7 @@ def load_packed_data(sources: Sequence[DataSource], tokenizer: Any, *, seq_len: 
                      seed: int, streaming: bool = False, pack: bool = True) -> PackedData:
     import numpy as np
 
-    for s in sources:
-        _check_source(s)
+    check_sources(sources)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the model's tokenizer has no EOS token, needed to separate packed documents.")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader, torch_dtype_name
 from lmexpand.checkpoint.safetensors_format import TensorSlot
-from lmexpand.checkpoint.writer import Computed, OutputTensor, RawCopy, write_checkpoint
+from lmexpand.checkpoint.writer import Computed, OutputTensor, unchanged_tensor, write_checkpoint
 from lmexpand.train.config import TrainConfig
 
 
@@ -59,7 +59,8 @@ def write_trained_model(reader: CheckpointReader, model: Any, cfg: TrainConfig, 
                         training: dict[str, Any]) -> Path:
     changed = changed_tensors(reader, model)
     outputs = [
-        OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(changed[t.name]) if t.name in changed else RawCopy(t))
+        OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(changed[t.name])) if t.name in changed
+        else unchanged_tensor(reader, t)
         for t in reader
     ]
     lineage = reader.lineage() or {"method": None, "new_parameters": []}

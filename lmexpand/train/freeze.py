@@ -89,6 +89,11 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
     assert cfg.lora is not None
     keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    leaf_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unmatched = [t for t in cfg.lora.target_modules if t not in leaf_names]
+    if unmatched:
+        raise ConfigError(f"--lora-targets: {', '.join(unmatched)} name(s) no linear module of this model, so no "
+                          f"adapter would be added there. Linear modules here: {', '.join(sorted(leaf_names))}.")
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, bias="none")
     # exclude modules that train fully anyway (a LoRA on a trained matrix is redundant)

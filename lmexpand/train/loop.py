@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, TrainingDivergedError
 from lmexpand.faults import kill_point
 from lmexpand.train.config import TrainConfig
 
@@ -113,9 +113,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
-
     from lmexpand.checkpoint.reader import CheckpointReader
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.checkpoint.sources import resolve_source
     from lmexpand.train.data import fingerprint_sources, load_packed_data
     from lmexpand.train.freeze import add_lora, apply_freezing, print_parameter_table, trainable_names
@@ -124,7 +123,12 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
 
     # ---- setup: everything that can fail on bad input fails here, before any write ----
     model_dir = resolve_source(cfg.model)
-    reader = CheckpointReader(model_dir, need_family=False)  # any architecture the lineage names
+    from lmexpand.checkpoint.writer import check_output
+
+    # the run directory against every input first: `--out MODEL --force` must never delete MODEL
+    check_output(cfg.out, inputs=[("--model", model_dir), *(("--data", d.path) for d in cfg.data)],
+                 force=True, replaces=not resume, label="--out")
+    reader = CheckpointReader(model_dir, need_family=False, allow_pickle=cfg.allow_pickle)  # any architecture
     if cfg.verify_hashes:
         from lmexpand.checkpoint.verify import require_intact
 
@@ -146,7 +150,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     from lmexpand.composed import register_if_composed
 
     register_if_composed(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, what="--model")
     _quiet_datasets()
     with accelerator.main_process_first():
         data = load_packed_data(cfg.data, tokenizer, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
@@ -185,6 +189,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # step it once per process, changing the schedule with the number of processes.
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
+    _check_space(cfg, reader, sum(p.numel() * p.element_size() for p in params), accelerator.is_main_process)
     state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data))
     if resume_from is not None:
         state = load_checkpoint(resume_from, state, {**trained, **buffers}, optimizer, scheduler)
@@ -250,8 +255,11 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                 if monitor:
                     aux = aux + monitor.aux_loss().to(loss.device)
                 accelerator.backward(loss + aux)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # the norm of the synchronized gradients: the same number on every process,
+                    # so every process stops together when it is not finite (inf: measure only)
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                    _stop_if_not_finite(grad_norm, state.step + 1, cfg)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / cfg.grad_accum
@@ -309,6 +317,45 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): last
     return out_model
+
+
+def _check_space(cfg: TrainConfig, reader, trainable_bytes: int, main_process: bool) -> None:
+    """Before step 1: room for the final model and the checkpoints kept (weights + AdamW's two
+    moments per trained tensor), on the device of --out."""
+    if not main_process:
+        return
+    from lmexpand.checkpoint.writer import existing_ancestor
+    from lmexpand.errors import DiskFullError
+    from lmexpand.units import human_bytes
+
+    kept = min(cfg.keep_last, cfg.max_steps // cfg.save_every) if cfg.save_every else 0
+    need = reader.total_bytes + kept * 3 * trainable_bytes
+    # a run being replaced (--force) frees what it holds; count what is free now, to be safe
+    free = shutil.disk_usage(existing_ancestor(cfg.out.resolve())).free
+    if free < need:
+        raise DiskFullError(
+            f"--out {cfg.out}: training needs about {human_bytes(need)} (final model {human_bytes(reader.total_bytes)}"
+            f" + {kept} checkpoint(s) of {human_bytes(3 * trainable_bytes)}) but only {human_bytes(free)} is free "
+            "there. Free space, choose --out on another disk, or keep fewer checkpoints (--keep-last, --save-every).")
+
+
+def _stop_if_not_finite(grad_norm, step: int, cfg: TrainConfig) -> None:
+    """A NaN/Inf gradient (from a NaN/Inf loss, or weights) would be written into every
+    trained tensor: stop before the optimizer step, keeping the checkpoints written so far."""
+    import math
+
+    norm = float(grad_norm)
+    if math.isfinite(norm):
+        return
+    from lmexpand.train.state import latest_checkpoint
+
+    last = latest_checkpoint(cfg.out)
+    kept = f"the last good checkpoint is {last} (continue with --resume once fixed)" if last else \
+        "no checkpoint was written before it (--save-every N keeps some)"
+    raise TrainingDivergedError(
+        f"step {step}: the gradient norm is {norm} (the loss or the weights hold NaN/Inf). Training stopped before "
+        f"applying this step, and no final model was written; {kept}. Lower --lr, check the data, or look for NaN/Inf "
+        f"in the model with `lmexpand verify {cfg.model} --values all`.")
 
 
 def _router_monitor(model, model_dir: Path, cfg: TrainConfig):

@@ -1,0 +1,59 @@
+"""The one tokenizer loader of every command (train, eval, run, surgery's checks).
+
+A model directory without a tokenizer, with a tokenizer that cannot be read, or whose
+tokenizer makes ids the model has no embedding row for, is a user's problem with a clear
+fix, not a traceback from deep inside transformers (or, worse, an index error mid-training).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmexpand.errors import SourceError
+
+# files that hold a tokenizer transformers can load (any one is enough to try)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _vocab_size(model_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size") or \
+        (cfg.get("anchor") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def load_tokenizer(model_dir: str | Path, *, what: str = "model", fix_from: str | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained(model_dir)``, checked: it exists, it loads, and its
+    largest id fits the model's vocabulary. ``fix_from`` names where a matching tokenizer
+    can be copied from (the base model), for the message."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    source = f"the base model ({fix_from})" if fix_from else "the model it was made from"
+    if not has_tokenizer(model_dir):
+        raise SourceError(
+            f"{what} {model_dir}: has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Copy the tokenizer files "
+            f"from {source} into it (e.g. `cp BASE/tokenizer* BASE/special_tokens_map.json {model_dir}/`).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many types for a damaged tokenizer
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise SourceError(
+            f"{what} {model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: {first}). Replace the "
+            f"tokenizer files with intact ones from {source}.") from None
+    vocab = _vocab_size(model_dir)
+    n = len(tokenizer)
+    if vocab is not None and n > vocab:
+        raise SourceError(
+            f"{what} {model_dir}: its tokenizer has {n:,} tokens but the model's vocab_size is {vocab:,}: ids from "
+            f"{vocab:,} on have no embedding row. Use the tokenizer the model was trained with (from {source}).")
+    return tokenizer
