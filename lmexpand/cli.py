@@ -494,7 +494,8 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
 @click.option("--values", type=click.Choice(["new", "all", "none"]), default="new", show_default=True,
               help="Which tensors to scan for NaN/Inf: those lmexpand.json lists as new, all, or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify(source: str, values: str, as_json: bool) -> None:
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights (loaded weights-only). Only for trusted files.")
+def verify(source: str, values: str, as_json: bool, allow_pickle: bool) -> None:
     """Check a model directory: shard sha256 against lmexpand.json, tensors against the config.
 
     Recomputes the sha256 of every weight file lmexpand recorded when it wrote SOURCE;
@@ -513,9 +514,9 @@ def verify(source: str, values: str, as_json: bool) -> None:
     from lmexpand.checkpoint.verify import verify as run_verify
     from lmexpand.errors import CheckpointError
 
-    with open_source(source, need_family=False) as reader:
+    with open_source(source, need_family=False, allow_pickle=allow_pickle) as reader:
         path = reader.path
-    report = run_verify(path, values=values)
+    report = run_verify(path, values=values, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
     else:

@@ -28,6 +28,16 @@ def is_composed(model_dir: Path) -> bool:
     return model_type(model_dir) == CALM_TYPE
 
 
+def member_inputs(model_dir: Path) -> list[tuple[str, Path]]:
+    """The models a composed directory references (it reads them at run time), as inputs
+    for the output checks: an output must not replace a member either."""
+    if not is_composed(model_dir):
+        return []
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return [(f"{role} (member of the composed model)", Path(p)) for role, p in
+            (("anchor", cfg.get("anchor_path")), ("augmenting model", cfg.get("augment_path"))) if p]
+
+
 def register_if_composed(model_dir: Path) -> None:
     """Make transformers' Auto classes know the composed config (tokenizer loading reads it)."""
     if is_composed(model_dir):

@@ -94,6 +94,7 @@ class SurgerySection(_Section):
                                     "[anchor, augmenting model])")
     out: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    allow_pickle: bool = Field(False, description="accept pickle-only sources (pytorch_model.bin), weights-only")
 
 
 class EvalSection(_Section):
@@ -130,6 +131,7 @@ class Job:
     path: Path
     workdir: Path
     surgery: tuple[Any, Any, str, Path] | None = None  # (method, config, source, out)
+    surgery_allow_pickle: bool = False
     train: Any = None  # TrainConfig
     eval: EvalSection | None = None
     eval_out: Path | None = None
@@ -184,6 +186,7 @@ def load_job(path: Path) -> Job:
             _must_exist(f"{path}: surgery.source", x)
         out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
         job.surgery = (method, cfg, sources, out)
+        job.surgery_allow_pickle = s.allow_pickle
         produced, source_model = str(out), sources[0]
     if recipe.train is not None:
         values = dict(recipe.train)
@@ -340,7 +343,7 @@ def _run_stages(job: Job) -> dict[str, str]:
     upstream = ""
     if job.surgery is not None:
         method, cfg, sources, out = job.surgery
-        readers = [open_source(x) for x in sources]
+        readers = [open_source(x, allow_pickle=job.surgery_allow_pickle) for x in sources]
         plan = method.checked_plan(readers, cfg)  # headers only: cheap, and it names every source read
         fp = _digest("surgery", method.name, cfg.model_dump(mode="json"),
                      [r.fingerprint()["sha256"] for r in (plan.readers or readers)])

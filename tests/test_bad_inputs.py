@@ -569,6 +569,9 @@ CASES: list[Case] = [
                       "out": str(c.tiny)}}), "--check"], ("eval.out", "eval.base")),
     Case("verify-overlap", "verify of a file whose tensors share bytes",
          lambda c: ["verify", _overlapping_header(c)], ("overlap",)),
+    Case("train-config-fewer-layers", "train a model whose config counts fewer layers than its tensors",
+         lambda c: _train(c, _edit_config(c.model_copy("train-fewer", c.pro), num_hidden_layers=5)),
+         ("model.layers.5", "does not have")),
 ]
 
 

@@ -204,20 +204,22 @@ def test_pickle_rule_is_the_same_for_every_command(tiny_llama, gsm8k_small, tmp_
                            "--out", str(tmp_path / "e2")],
         "export": ["export", str(legacy), str(tmp_path / "x0")],
         "surgery": ["surgery", "llama-pro", str(legacy), str(tmp_path / "s0"), "--add", "1"],
+        "verify": ["verify", str(legacy)],
     }
     for what, argv in refused.items():
         assert main(argv) == 2, what
         err = capsys.readouterr().err
         assert "--allow-pickle" in err and "Traceback" not in err, (what, err)
-        flag_exists = main([argv[0], "--help"]) == 0 and "--allow-pickle" in capsys.readouterr().out
-        if argv[0] != "surgery":
-            assert flag_exists, f"{what}: the message names --allow-pickle, the command must have it"
+        help_argv = argv[:2] if argv[0] == "surgery" else argv[:1]
+        assert main([*help_argv, "--help"]) == 0 and "--allow-pickle" in capsys.readouterr().out, \
+            f"{what}: the message names --allow-pickle, so the command must have it"
     # with the flag: weights-only loading, and every output is safetensors with the same values
     assert main(["-q", *refused["eval"], "--allow-pickle"]) == 0, capsys.readouterr().err
     assert main(["-q", *refused["eval --base"], "--allow-pickle"]) == 0, capsys.readouterr().err
     ref = json.loads((tmp_path / "e1" / "results.json").read_text())["perplexity"]
     assert ref["base"]["math"]["ppl"] == ref["model"]["math"]["ppl"]  # same weights, either format
     assert main(["-q", *refused["export"], "--allow-pickle"]) == 0
+    assert main(["-q", *refused["verify"], "--allow-pickle"]) == 0, capsys.readouterr().err
     assert main(["-q", *refused["train"], "--allow-pickle"]) == 0, capsys.readouterr().err
     for out in (tmp_path / "x0", tmp_path / "run0" / "model"):
         assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()

@@ -128,8 +128,9 @@ class CheckpointReader:
                 raise SourceError(
                     f"{self.path}: only pickle weights ({pickles[0].name}) and no safetensors. "
                     "Loading a pickle can run arbitrary code from the file, so lmexpand refuses it. "
-                    "If you trust this checkpoint, pass --allow-pickle (tensors are then loaded "
-                    "with torch.load(weights_only=True)); better, convert it to safetensors once."
+                    "If you trust this checkpoint, pass --allow-pickle (in a recipe: allow_pickle: true in the "
+                    "section that reads it; tensors are then loaded with torch.load(weights_only=True)); better, "
+                    "convert it to safetensors once (`lmexpand export DIR OUT --allow-pickle`)."
                 )
             return self._scan_pickle(pickles)
         others = sorted(p.name for p in self.path.glob("*.safetensors"))

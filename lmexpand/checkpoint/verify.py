@@ -149,7 +149,7 @@ def require_structure(reader: CheckpointReader) -> None:
             f"use the weights it belongs to (`lmexpand verify {reader.path}` lists every difference).")
 
 
-def verify(model_dir: str | Path, *, values: str = "new") -> Report:
+def verify(model_dir: str | Path, *, values: str = "new", allow_pickle: bool = False) -> Report:
     """Every check ``lmexpand verify`` runs. ``values``: 'new' (tensors lmexpand.json lists
     as new), 'all', or 'none' for the NaN/Inf scan."""
     import torch
@@ -157,7 +157,7 @@ def verify(model_dir: str | Path, *, values: str = "new") -> Report:
     from lmexpand.composed import CALM_TYPE
 
     model_dir = Path(model_dir)
-    reader = CheckpointReader(model_dir, need_family=False)
+    reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
     check_config_sizes(reader.config, str(model_dir / "config.json"))
     report = Report(str(model_dir), tensors=len(reader.tensors))
     shards = recorded_shards(model_dir)

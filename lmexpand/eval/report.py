@@ -80,13 +80,20 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
     from lmexpand.checkpoint.writer import check_output
 
     names = {"model": "evaluated model", "base": "--base model"}
+    from lmexpand.checkpoint.verify import require_structure
+    from lmexpand.composed import is_composed, member_inputs
+
     inputs = [*((names.get(label, f"--compare {label}"), path) for label, path in rows),
+              *(m for _, path in rows for m in member_inputs(path)),
               *((f"--data {t.name}", t.path) for t in text_sets)]
     check_output(out, inputs=inputs, force=True, replaces=False, label="--out")
     vocabs = {}
     for label, path in rows:
         # the pickle rule of every command: pickle-only weights need --allow-pickle (then weights-only)
-        CheckpointReader(path, allow_pickle=allow_pickle, need_family=False).close()
+        reader = CheckpointReader(path, allow_pickle=allow_pickle, need_family=False)
+        if not is_composed(path):  # a config counting fewer layers than the tensors would drop some silently
+            require_structure(reader)
+        reader.close()
         vocabs[label] = load_tokenizer(path, what=f"{label} model").get_vocab()
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")

@@ -126,13 +126,20 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     from lmexpand.checkpoint.writer import check_output
 
     # the run directory against every input first: `--out MODEL --force` must never delete MODEL
-    check_output(cfg.out, inputs=[("--model", model_dir), *(("--data", d.path) for d in cfg.data)],
+    from lmexpand.composed import is_composed, member_inputs
+
+    check_output(cfg.out, inputs=[("--model", model_dir), *member_inputs(model_dir),
+                                  *(("--data", d.path) for d in cfg.data)],
                  force=True, replaces=not resume, label="--out")
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=cfg.allow_pickle)  # any architecture
     if cfg.verify_hashes:
         from lmexpand.checkpoint.verify import require_intact
 
         require_intact(model_dir)
+    if not is_composed(model_dir):  # a config counting fewer layers than the tensors would drop some silently
+        from lmexpand.checkpoint.verify import require_structure
+
+        require_structure(reader)
     max_pos = reader.config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}). "
