@@ -119,24 +119,12 @@ def _finite(t, value: "torch.Tensor") -> "torch.Tensor":
         from lmexpand.errors import CheckpointError
 
         bad = int((~torch.isfinite(value)).sum())
-        reads = sorted({f"{r.name}" for r in _reads(t.op)})
+        reads = sorted({name for _, name in t.op.reads()})
         raise CheckpointError(
             f"{t.name}: the surgery computed {bad:,} non-finite value(s) (NaN/Inf) for this tensor, from "
             f"{', '.join(reads) or 'no source tensor'}; nothing was written. Check the source with "
             "`lmexpand verify SOURCE --values all`, and the surgery's numeric arguments.")
     return value
-
-
-def _reads(op) -> list:
-    """The source reads an op depends on."""
-    if isinstance(op, Read):
-        return [op]
-    found = []
-    for v in getattr(op, "__dict__", {}).values():
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
-            if hasattr(x, "__dict__") and x.__class__.__module__ == Read.__module__:
-                found += _reads(x)
-    return found
 
 
 def apply_to_state_dicts(plan: Plan, state_dicts: Sequence[Mapping[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
