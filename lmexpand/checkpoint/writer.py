@@ -224,13 +224,13 @@ def existing_ancestor(path: Path) -> Path:
 
 
 def check_output(target: Path, *, inputs: Iterable[tuple[str, Path]] = (), force: bool = False,
-                 label: str = "output", kind: str = "dir", replaces: bool = True, where: str = "") -> Path:
+                 label: str = "output", replaces: bool = True, where: str = "") -> Path:
     """The one check of an output location, before any work (every command calls it).
 
     Refuses, naming the path and the fix: an output that is, contains or lies inside any
     input (symlinks resolved: ``--out`` equal to the model being trained, or a parent of it,
-    would delete it under ``--force``); a file where a directory goes (or the reverse); a
-    parent that is a file; a location whose nearest existing parent is not writable; and,
+    would delete it under ``--force``); a file where the output directory goes; a parent
+    that is a file; a location whose nearest existing parent is not writable; and,
     when the output ``replaces`` what is there, a non-empty one without ``force``. Creates
     nothing. Returns the resolved target. ``inputs`` are (what, path) pairs, e.g.
     ("--model", model_dir), ("--data", file). ``where`` prefixes the message (a recipe's path).
@@ -245,22 +245,20 @@ def check_output(target: Path, *, inputs: Iterable[tuple[str, Path]] = (), force
         if _within(src_resolved, resolved) and replaces:
             raise TargetError(f"{pre}{label} {target}: the {what} {src} this command reads is inside the output "
                               f"directory, which would be replaced. Choose a {label} that does not hold its inputs.")
-        if _within(resolved, src_resolved) and (src_resolved.is_dir() or not src_resolved.exists()):
+        if _within(resolved, src_resolved):
             raise TargetError(f"{pre}{label} {target} is inside the {what} {src} this command reads: writing there "
                               f"changes an input. Choose a {label} outside it.")
     anc = existing_ancestor(resolved)
     if anc != resolved and not anc.is_dir():
         raise TargetError(f"{pre}{label} {target}: its parent {anc} is a file, not a directory. Choose another {label}.")
-    if not os.access(anc if anc != resolved else resolved.parent, os.W_OK | os.X_OK):
-        where = anc if anc != resolved else resolved.parent
-        raise TargetError(f"{pre}{label} {target}: {where} is not writable by this user. Choose a {label} where you can "
+    place = anc if anc != resolved else resolved.parent  # where the output would be created
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise TargetError(f"{pre}{label} {target}: {place} is not writable by this user. Choose a {label} where you can "
                           "write, or fix the permissions.")
     if resolved.exists():
-        if kind == "dir" and not resolved.is_dir():
+        if not resolved.is_dir():
             raise TargetError(f"{pre}{label} {target}: exists and is a file. Remove it or choose another {label}.")
-        if kind == "file" and resolved.is_dir():
-            raise TargetError(f"{pre}{label} {target}: is a directory. Give a file path.")
-        if replaces and kind == "dir" and any(resolved.iterdir()) and not force:
+        if replaces and any(resolved.iterdir()) and not force:
             raise TargetError(
                 f"{pre}{label} {target}: exists and is not empty. Pass --force to replace it, or choose another {label}."
             )

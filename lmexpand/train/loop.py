@@ -128,8 +128,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # the run directory against every input first: `--out MODEL --force` must never delete MODEL
     from lmexpand.composed import is_composed, member_inputs
 
+    resume_source = [("--resume-from", resume)] if isinstance(resume, Path) else []
     check_output(cfg.out, inputs=[("--model", model_dir), *member_inputs(model_dir),
-                                  *(("--data", d.path) for d in cfg.data)],
+                                  *(("--data", d.path) for d in cfg.data), *resume_source],
                  force=True, replaces=not resume, label="--out")
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=cfg.allow_pickle)  # any architecture
     if cfg.verify_hashes:
