@@ -50,13 +50,10 @@ def parameter_accounting(model_dir: Path, allow_pickle: bool = False) -> dict[st
 def _load(path: Path):
     import torch
 
-    from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.composed import load_model, register_if_composed
 
     register_if_composed(path)
-    tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer fails fast
-    model = load_model(path, dtype=torch.float32).eval()
-    return model, tokenizer
+    return load_model(path, dtype=torch.float32).eval()
 
 
 def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
@@ -70,7 +67,7 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32)
 
 
 def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[TextSet], out: Path,
-                          seq_len: int, allow_pickle: bool) -> None:
+                          seq_len: int, allow_pickle: bool) -> dict[str, Any]:
     """What would make the scores fail or mean nothing, checked before any model is run:
     --out usable and not an input, every row's tokenizer loadable and the same token->id map
     (perplexities over different tokenizations are not comparable), --seq-len within every
@@ -81,25 +78,27 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
 
     names = {"model": "evaluated model", "base": "--base model"}
     from lmexpand.checkpoint.verify import require_structure
-    from lmexpand.composed import is_composed, member_inputs
+    from lmexpand.composed import is_composed, member_inputs, register_if_composed
 
     inputs = [*((names.get(label, f"--compare {label}"), path) for label, path in rows),
               *(m for _, path in rows for m in member_inputs(path)),
               *((f"--data {t.name}", t.path) for t in text_sets)]
     check_output(out, inputs=inputs, force=True, replaces=False, label="--out")
-    vocabs = {}
+    tokenizers: dict[str, Any] = {}
     for label, path in rows:
         # the pickle rule of every command: pickle-only weights need --allow-pickle (then weights-only)
         reader = CheckpointReader(path, allow_pickle=allow_pickle, need_family=False)
         if not is_composed(path):  # a config counting fewer layers than the tensors would drop some silently
             require_structure(reader)
         reader.close()
-        vocabs[label] = load_tokenizer(path, what=f"{label} model").get_vocab()
+        register_if_composed(path)  # its config type must be known to load its tokenizer
+        tokenizers[label] = load_tokenizer(path, what=f"{label} model")
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")
         if isinstance(max_pos, int) and seq_len > max_pos:
             raise ConfigError(f"--seq-len {seq_len} exceeds the {label} model's max_position_embeddings ({max_pos}) "
                               f"({path}). Use --seq-len {max_pos} or less.")
+    vocabs = {label: tok.get_vocab() for label, tok in tokenizers.items()}
     ref = vocabs["model"]
     for label, vocab in vocabs.items():
         if vocab != ref:
@@ -108,6 +107,7 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
                 f"the {label} model ({dict(rows)[label]}) and the evaluated model ({dict(rows)['model']}) have different "
                 f"tokenizers ({len(vocab):,} vs {len(ref):,} tokens, {diff:,} token->id pairs differ): their "
                 "perplexities count different tokens and cannot be compared side by side. Evaluate them separately.")
+    return tokenizers
 
 
 def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: str | None = None,
@@ -125,7 +125,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         rows.append(("base", resolve_model(base)[0]))
     rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
     rows.append(("model", model_dir))
-    _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)
+    tokenizers = _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)  # loaded once, used below
 
     results: dict[str, Any] = {
         "model": str(model_dir), "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "stride": stride},
@@ -135,7 +135,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
     tokenizer = None  # the first row's, for the MoE load
     model_tokenizer = None  # the evaluated model's, for the samples
     for label, path in rows:
-        model, tok = _load(path)
+        model, tok = _load(path), tokenizers[label]
         tokenizer = tokenizer or tok
         if label == "model":
             model_tokenizer = tok
