@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import click
@@ -278,6 +279,145 @@ def _print_plan(s: dict) -> None:
             console.print("  " + line)
     for note in s["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+# -- merge --------------------------------------------------------------------------------
+@cli.command(context_settings=_CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out", required=False)
+@click.option("--dry-run", is_flag=True, help="Print the resolved parameters per tensor group, bytes and memory; write nothing.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the random methods (dare_*, della*): mergekit's --random-seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads computing tensors  [default: CPU cores, at most 8]")
+@click.option("--eval-data", default=None, help="Held-out text (.txt/.jsonl) ranking a greedy_soup's candidates by perplexity.")
+@click.option("--eval-tokens", type=click.IntRange(min=64), default=16384, show_default=True, help="Tokens of --eval-data scored per candidate.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB, 500MB).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) inputs. Only for trusted files.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads: int | None, eval_data: str | None,
+          eval_tokens: int, force: bool, max_shard_size: str, allow_pickle: bool, as_json: bool) -> None:
+    """Merge models in weight space from a mergekit YAML file, as is.
+
+    Methods: linear (SPHINX mix, uniform soup), task_arithmetic, slerp, nuslerp, ties,
+    dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock,
+    passthrough, and greedy_soup (needs --eval-data). Everything is checked from headers
+    before a value is read; tensors stream through worker threads.
+
+    \b
+    Examples:
+      lmexpand merge sphinx.yaml out/mix --dry-run
+      lmexpand merge ties.yaml out/ties --threads 8
+      lmexpand merge soup.yaml out/soup --eval-data valid.txt
+    """
+    import os
+
+    from lmexpand.checkpoint.writer import check_output
+    from lmexpand.expand.executor import execute
+    from lmexpand.expand.merging import load_config
+    from lmexpand.expand.merging.planner import open_models
+    from lmexpand.units import parse_size
+
+    shard = parse_size(max_shard_size, "--max-shard-size")
+    if out is None and not dry_run:
+        raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
+    threads = threads or max(1, min(8, os.cpu_count() or 1))
+    file, where, text, directory = load_config(config)
+    resolved = open_models(file, where, allow_pickle=allow_pickle, relative_to=directory)
+    inputs = [("config", Path(config))] + [("model", r.path) for r in resolved.readers]
+    if eval_data:
+        inputs.append(("--eval-data", Path(eval_data)))
+    if out is not None:
+        check_output(Path(out), inputs=inputs, force=force, label="OUT")
+    soup = None
+    if resolved.method is None:
+        from lmexpand.expand.merging.soup import greedy_soup, soup_inputs
+
+        if not eval_data:
+            raise click.UsageError("merge_method greedy_soup ranks its candidates by held-out perplexity: give --eval-data FILE")
+        resolved = soup_inputs(resolved, where)
+        if dry_run:
+            click.echo(f"greedy soup of {len(resolved.models)} candidates, scored on {eval_data} "
+                       f"({eval_tokens:,} tokens each); a dry run scores nothing")
+            return
+        soup = greedy_soup(resolved, _perplexity_scorer(eval_data, eval_tokens), where)
+        resolved = soup.resolved
+    elif eval_data:
+        raise click.UsageError("--eval-data is for merge_method: greedy_soup")
+    from lmexpand.expand.merging.files import add_files
+    from lmexpand.expand.merging.planner import plan_merge
+
+    plan = plan_merge(resolved, where, seed=seed, source_text=text)
+    if soup is not None:
+        plan.extra_lineage["merge"]["greedy_soup"] = soup.record
+    add_files(plan, resolved, where)
+    summary = merge_summary(plan, threads)
+    if dry_run:
+        click.echo(json.dumps(summary, indent=2) if as_json else _merge_text(summary))
+        return
+    for note in plan.notes:
+        log.info("note: %s", note)
+    if plan.arguments.get("seed") is not None and seed is None:
+        log.info("random method: seed %d (give --seed %d to repeat this merge)", plan.arguments["seed"],
+                 plan.arguments["seed"])
+    path = execute(plan, out, force=force, max_shard_size=shard, threads=threads)
+    log.info("wrote %s: %s parameters merged with %s from %d models (every tensor checked finite)", path,
+             f"{summary['parameters']:,}", summary["merge_method"], len(summary["models"]))
+    if as_json:
+        click.echo(json.dumps({"output": str(path), **summary}, indent=2))
+
+
+def merge_summary(plan, threads: int) -> dict:
+    """Per tensor group (layer index folded into *): the op with its resolved parameters."""
+    import re
+
+    from lmexpand.units import human_bytes
+
+    groups: dict[str, dict] = {}
+    for t in plan.tensors:
+        key = re.sub(r"\.\d+\.", ".*.", t.name)
+        desc = t.op.describe()
+        g = groups.setdefault(key, {"tensors": 0, "bytes": 0, "ops": {}})
+        g["tensors"] += 1
+        g["bytes"] += t.nbytes
+        g["ops"][desc] = g["ops"].get(desc, 0) + 1
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    n_inputs = max((len(t.op.reads()) for t in plan.tensors), default=1)
+    merge = plan.extra_lineage["merge"]
+    memory = (n_inputs + 2) * largest * threads
+    return {
+        "merge_method": merge["method"], "models": merge["models"], "seed": merge["seed"],
+        "tensors": len(plan.tensors), "parameters": plan.total_params, "bytes_to_write": plan.total_bytes,
+        "threads": threads, "largest_tensor_bytes": largest,
+        "memory_estimate_bytes": memory,
+        "memory_estimate": f"~{human_bytes(memory)} = ({n_inputs} inputs + 2) x largest tensor "
+                           f"{human_bytes(largest)} x {threads} threads, plus the runtime",
+        "groups": groups, "notes": plan.notes,
+    }
+
+
+def _merge_text(s: dict) -> str:
+    from lmexpand.units import human_bytes
+
+    lines = [f"merge plan: {s['merge_method']} of {len(s['models'])} models (dry run, nothing written)"]
+    for i, m in enumerate(s["models"]):
+        lines.append(f"  m{i}: {m}")
+    lines.append(f"{s['tensors']} tensors, {s['parameters']:,} parameters, {human_bytes(s['bytes_to_write'])} to write")
+    lines.append(f"memory: {s['memory_estimate']}")
+    for key, g in s["groups"].items():
+        for desc, n in g["ops"].items():
+            lines.append(f"  {key} ({n}x): {desc}")
+    lines += [f"note: {n}" for n in s["notes"]]
+    return "\n".join(lines)
+
+
+def _perplexity_scorer(eval_data: str, max_tokens: int):
+    """model directory -> perplexity on the first ``max_tokens`` tokens of ``eval_data``."""
+    def score(model_dir) -> float:
+        from lmexpand.eval.perplexity import perplexity_of
+
+        return perplexity_of(model_dir, eval_data, max_tokens=max_tokens)
+
+    return score
 
 
 # -- train --------------------------------------------------------------------------------

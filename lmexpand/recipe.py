@@ -90,8 +90,8 @@ class _Section(BaseModel):
 
 class SurgerySection(_Section):
     method: str
-    source: str | list[str] = Field(description="the source model; a list for methods with several (calm: "
-                                    "[anchor, augmenting model])")
+    source: str | list[str] | None = Field(None, description="the source model; a list for methods with several "
+                                           "(calm: [anchor, augmenting model]); none for merge (its config names them)")
     out: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     allow_pickle: bool = Field(False, description="accept pickle-only sources (pytorch_model.bin), weights-only")
@@ -175,7 +175,14 @@ def load_job(path: Path) -> Job:
             cfg = parse_config(method, args, style="key")
         except ConfigError as e:
             raise ConfigError(f"{path}: surgery.args: {str(e).split(': ', 1)[1]}") from None
-        given = s.source if isinstance(s.source, list) else [s.source]
+        if isinstance(args.get("config"), str):  # a merge configuration file: relative to the recipe
+            args["config"] = _resolve(base, args["config"])
+            _must_exist(f"{path}: surgery.args.config", args["config"])
+            cfg = parse_config(method, args, style="key")
+        given = [] if s.source is None else s.source if isinstance(s.source, list) else [s.source]
+        if given and not method.sources:
+            raise ConfigError(f"{path}: surgery.source: {s.method} names its models in its configuration "
+                              "(surgery.args.config); remove surgery.source.")
         if len(given) != len(method.sources):
             names = ", ".join(x.lower() for x in method.sources)
             raise ConfigError(f"{path}: surgery.source: {s.method} takes {len(method.sources)} source model(s) "
@@ -187,7 +194,14 @@ def load_job(path: Path) -> Job:
         out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
         job.surgery = (method, cfg, sources, out)
         job.surgery_allow_pickle = s.allow_pickle
-        produced, source_model = str(out), sources[0]
+        if not sources:  # merge: its configuration names the models; the first is the eval base
+            plan = method.checked_plan([], cfg)
+            for r in plan.readers or []:
+                r.close()
+            sources_for_eval = [str(plan.sources[plan.carry_from])]
+        else:
+            sources_for_eval = sources
+        produced, source_model = str(out), sources_for_eval[0]
     if recipe.train is not None:
         values = dict(recipe.train)
         for key in ("model", "out"):

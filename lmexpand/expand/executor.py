@@ -64,8 +64,11 @@ def execute(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     allow_pickle: bool = False,
     readers: Sequence[CheckpointReader] | None = None,
+    threads: int = 1,
 ) -> Path:
-    """Stream ``plan`` into a new model directory ``out`` (atomically)."""
+    """Stream ``plan`` into a new model directory ``out`` (atomically). With ``threads`` > 1
+    computed tensors are prepared by that many worker threads, at most ``threads`` + 1 ahead
+    of the writer (torch releases the GIL in its kernels); they are written in plan order."""
     plan.validate()
     if plan.readers is not None:
         readers = plan.readers
@@ -88,7 +91,9 @@ def execute(
         else:
             outputs.append(OutputTensor(slot, Computed(lambda t=t: _finite(t, compute_tensor(t, get)))))
 
-    files: dict[str, bytes | Path] = {p.name: p for p in readers[0].carry_files()}
+    pool = _Prefetch(outputs, threads) if threads > 1 else None
+    files: dict[str, bytes | Path] = {p.name: p for p in readers[plan.carry_from].carry_files()}
+    files.update(plan.files)
     from lmexpand.checkpoint.tokenizer import TOKENIZER_FILES
 
     if not any(name in files for name in TOKENIZER_FILES):
@@ -105,8 +110,51 @@ def execute(
             sources=plan.sources, description=f"{plan.method} -> {Path(out).name}",
         )
     finally:
+        if pool is not None:
+            pool.close()
         for r in readers:
             r.close()
+
+
+class _Prefetch:
+    """Replaces each computed producer by one that returns a worker's result, keeping the
+    next ``threads`` computations submitted (so memory stays ~ threads x largest tensor)."""
+
+    def __init__(self, outputs: list[OutputTensor], threads: int):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, self._torch_threads // threads))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmexpand-merge")
+        self._ahead = threads + 1
+        self._lock = threading.Lock()
+        self._order = [i for i, o in enumerate(outputs) if isinstance(o.producer, Computed)]
+        self._fns = {i: outputs[i].producer.fn for i in self._order}
+        self._futures: dict[int, Any] = {}
+        self._submitted = 0
+        for k, i in enumerate(self._order):
+            outputs[i] = OutputTensor(outputs[i].slot, Computed(lambda k=k: self._take(k)))
+
+    def _take(self, k: int) -> "torch.Tensor":
+        with self._lock:
+            while self._submitted < min(len(self._order), k + self._ahead):
+                i = self._order[self._submitted]
+                self._futures[self._submitted] = self._pool.submit(self._fns[i])
+                self._submitted += 1
+            future = self._futures.pop(k)
+        return future.result()
+
+    def close(self) -> None:
+        import torch
+
+        for f in self._futures.values():
+            f.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()
+        torch.set_num_threads(self._torch_threads)
 
 
 def _finite(t, value: "torch.Tensor") -> "torch.Tensor":

@@ -241,6 +241,10 @@ class Plan:
     # Readers the plan function opened itself (for sources beyond the method's arguments,
     # e.g. more models named in a config); the executor uses them instead of reopening.
     readers: list[Any] | None = field(default=None, repr=False, compare=False)
+    # Files written with the weights (name -> bytes), over those carried from a source, and
+    # the source whose tokenizer files are carried (an index into the readers).
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    carry_from: int = 0
 
     @property
     def total_bytes(self) -> int:

@@ -1,0 +1,362 @@
+"""Weight merging: bitwise equality with mergekit 0.1.5 (when installed under bench/.peers),
+exact properties of the methods, and the checks before any value is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmexpand.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_PY = ROOT / "bench" / ".peers" / "mergekit" / "bin" / "python"
+FAMILIES = ["llama", "qwen2", "llama-tied"]  # untied head; q/k/v biases; tied embeddings
+DTYPES = ["bfloat16", "float32"]
+
+
+def _variants(root: Path, family: str, dtype: str) -> dict[str, Path]:
+    """base + three fine-tune-like variants (base + small seeded noise), saved in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import build_tiny_model
+
+    src = build_tiny_model(family, root / f"{family}-src")
+    out = {}
+    for i, name in enumerate(["base", "a", "b", "c"]):
+        path = root / f"{family}-{dtype}-{name}"
+        out[name] = path
+        if path.exists():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        if name != "base":
+            g = torch.Generator().manual_seed(100 + i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g) * p.abs().mean())
+        model.to(getattr(torch, dtype)).save_pretrained(path)
+        for f in src.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, path / f.name)
+    return out
+
+
+def _configs(m: dict[str, Path]) -> dict[str, tuple[dict, int | None]]:
+    """One configuration per method, with filters, gradients and per-model parameters."""
+    base, a, b, c = (str(m[k]) for k in ("base", "a", "b", "c"))
+    grad_weight = [{"filter": "self_attn", "value": 0.7}, {"value": [0.2, 0.5, 0.9]}]
+    cfg = {
+        "linear": ({"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": [0.2, 0.8]}},
+            {"model": b, "parameters": {"weight": grad_weight}},
+            {"model": c, "parameters": {"weight": 0.35}}]}, None),
+        "linear-slices": ({"merge_method": "linear", "parameters": {"weight": 0.5, "normalize": False},
+                           "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [1, 3]}]},
+            {"sources": [{"model": a, "layer_range": [2, 4], "parameters": {"weight": [1.0, 0.0]}},
+                         {"model": b, "layer_range": [2, 4]}], "parameters": {"weight": 0.25}}]}, None),
+        "task_arithmetic": ({"merge_method": "task_arithmetic", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": [1.0, 0.2]}}],
+            "parameters": {"lambda": 0.9}}, None),
+        "slerp": ({"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
+                   "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}, None),
+        "nuslerp": ({"merge_method": "nuslerp", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": [0.7, 0.4]}}]}, None),
+        "nuslerp-rows": ({"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                          "models": [{"model": a, "parameters": {"weight": 0.3}},
+                                     {"model": b, "parameters": {"weight": 0.6}}]}, None),
+        "ties": ({"merge_method": "ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+            {"model": b, "parameters": {"weight": grad_weight, "density": [0.3, 0.9]}}]}, None),
+        "dare_ties": ({"merge_method": "dare_ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.6}},
+            {"model": b, "parameters": {"weight": [0.3, 0.7], "density": [0.3, 0.8]}}]}, 7),
+        "dare_linear": ({"merge_method": "dare_linear", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.7}},
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.4}}]}, 11),
+        "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}},
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.6}}]}, None),
+        "breadcrumbs_ties": ({"merge_method": "breadcrumbs_ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}},
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.6}}]}, None),
+        "della": ({"merge_method": "della", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}},
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.2}}]}, 3),
+        "della_linear": ({"merge_method": "della_linear", "base_model": base, "parameters": {"lambda": 1.1},
+                          "models": [{"model": a, "parameters": {"weight": 0.4, "density": 0.5}},
+                                     {"model": b, "parameters": {"weight": 0.6, "density": 0.5}}]}, 5),
+        "model_stock": ({"merge_method": "model_stock", "base_model": base,
+                         "models": [{"model": a}, {"model": b}, {"model": c}]}, None),
+        # 4 layers out: with another count mergekit 0.1.5 cannot save a Qwen2 config (it does not
+        # extend layer_types; lmexpand does)
+        "passthrough": ({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": b, "layer_range": [1, 3],
+                          "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]}, None),
+    }
+    return cfg
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _bits(t):
+    return t.contiguous().view(-1).view(__import__("torch").uint8)
+
+
+def _assert_bitwise(ours: Path, theirs: Path, what: str) -> None:
+    import torch
+
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b), f"{what}: tensor names differ: {sorted(set(a) ^ set(b))[:4]}"
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what}: {k} dtype/shape"
+        if not torch.equal(_bits(a[k]), _bits(b[k])):
+            diff = (a[k].double() - b[k].double()).abs().max().item()
+            raise AssertionError(f"{what}: {k} differs from mergekit (max |d| {diff:.3g})")
+
+
+@pytest.fixture(scope="module")
+def merge_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("merge")
+
+
+@pytest.mark.skipif(not MERGEKIT_PY.exists(), reason="mergekit is not installed (bash bench/peers/install_mergekit.sh)")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_equal_to_mergekit(merge_root, family, dtype):
+    """Every method both tools have, same configuration file, same seed: same bytes."""
+    m = _variants(merge_root, family, dtype)
+    work = merge_root / f"cmp-{family}-{dtype}"
+    work.mkdir()
+    jobs = []
+    for name, (cfg, seed) in _configs(m).items():
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        jobs.append([str(path), str(work / f"mk-{name}"), seed])
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"), str(work / "jobs.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for config, mk_out, seed in jobs:
+        name = Path(config).stem
+        ours = work / f"lx-{name}"
+        args = ["merge", config, str(ours), "--threads", "2"] + (["--seed", str(seed)] if seed is not None else [])
+        assert main(args) == 0, name
+        _assert_bitwise(ours, Path(mk_out), f"{family}/{dtype}/{name}")
+
+
+def _write(tmp: Path, cfg: dict, name: str = "merge.yaml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_self_merge_returns_the_model(merge_root, tmp_path, dtype):
+    """A model merged with (a copy of) itself, weights summing to 1, is returned bitwise by
+    linear, slerp, task arithmetic, ties and model_stock."""
+    import torch
+
+    m = _variants(merge_root, "llama", dtype)
+    a = m["a"]
+    copies = []
+    for i in range(3):
+        c = tmp_path / f"copy{i}"
+        shutil.copytree(a, c)
+        copies.append(str(c))
+    w = (0.3, 0.7) if dtype == "bfloat16" else (0.25, 0.75)  # fp32: weights whose sum is exact
+    cases = {
+        "linear": {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": w[0]}},
+                                                        {"model": copies[0], "parameters": {"weight": w[1]}}]},
+        "slerp": {"merge_method": "slerp", "base_model": str(a), "parameters": {"t": 0.5},
+                  "models": [{"model": str(a)}, {"model": copies[0]}]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(a),
+                            "models": [{"model": c, "parameters": {"weight": 0.5}} for c in copies[:2]]},
+        "ties": {"merge_method": "ties", "base_model": str(a),
+                 "models": [{"model": c, "parameters": {"weight": 0.5, "density": 0.5}} for c in copies[:2]]},
+        "model_stock": {"merge_method": "model_stock", "base_model": str(a),
+                        "models": [{"model": c} for c in copies]},
+    }
+    want = _tensors(a)
+    for name, cfg in cases.items():
+        out = tmp_path / f"out-{name}"
+        assert main(["merge", str(_write(tmp_path, cfg, f"{name}.yaml")), str(out)]) == 0
+        got = _tensors(out)
+        for k, v in want.items():
+            assert torch.equal(_bits(got[k]), _bits(v)), f"{name}: {k} changed"
+
+
+def test_weight_one_returns_that_model_and_loads_in_transformers(merge_root, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = _variants(merge_root, "qwen2", "bfloat16")
+    cfg = {"merge_method": "linear", "models": [{"model": str(m["a"]), "parameters": {"weight": 0.0}},
+                                                 {"model": str(m["b"]), "parameters": {"weight": 1.0}},
+                                                 {"model": str(m["c"]), "parameters": {"weight": 0.0}}]}
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 0
+    got, want = _tensors(out), _tensors(m["b"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), k
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref = AutoModelForCausalLM.from_pretrained(m["b"])
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    lineage = json.loads((out / "lmexpand.json").read_text())
+    assert lineage["method"] == "merge" and lineage["merge"]["method"] == "linear"
+    assert len(lineage["sources"]) == 3 and all(s["sha256"] for s in lineage["sources"])
+    assert "linear" in (out / "README.md").read_text()
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_threads_and_seed_reproduce(merge_root, tmp_path):
+    """The random methods give the same bytes with 1 or 4 worker threads for one seed, and
+    other bytes for another seed."""
+    import torch
+
+    m = _variants(merge_root, "llama", "bfloat16")
+    cfg, _ = _configs(m)["dare_ties"]
+    path = _write(tmp_path, cfg)
+    outs = {}
+    for label, extra in (("t1", ["--threads", "1", "--seed", "5"]), ("t4", ["--threads", "4", "--seed", "5"]),
+                         ("other", ["--threads", "4", "--seed", "6"])):
+        outs[label] = tmp_path / label
+        assert main(["merge", str(path), str(outs[label]), *extra]) == 0
+    a, b, c = (_tensors(outs[k]) for k in ("t1", "t4", "other"))
+    assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    assert not all(torch.equal(_bits(a[k]), _bits(c[k])) for k in a)
+    assert json.loads((outs["t1"] / "lmexpand.json").read_text())["merge"]["seed"] == 5
+
+
+def test_dry_run_reports_groups_and_memory(merge_root, tmp_path, capsys):
+    m = _variants(merge_root, "llama", "bfloat16")
+    cfg, _ = _configs(m)["ties"]
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out), "--dry-run", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["merge_method"] == "ties" and s["tensors"] == 39 and s["memory_estimate_bytes"] > 0
+    assert any("density=[0.5, 0.3]" in d for g in s["groups"].values() for d in g["ops"])
+    assert not out.exists()
+
+
+def test_recipe_surgery_merge(merge_root, tmp_path):
+    """The same merge as a recipe's surgery, so merge -> eval is one job."""
+    m = _variants(merge_root, "llama", "bfloat16")
+    cfg, _ = _configs(m)["task_arithmetic"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"),
+                                      "surgery": {"method": "merge", "args": {"config": cfg}}}))
+    assert main(["run", str(recipe)]) == 0
+    ref = tmp_path / "ref"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(ref)]) == 0
+    a, b = _tensors(tmp_path / "w" / "expanded"), _tensors(ref)
+    import torch
+
+    assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
+# -- bad inputs: exit 2, one paragraph, nothing written ---------------------------------------
+def _bad_cases(m: dict[str, Path], tmp: Path) -> dict[str, tuple[dict, str]]:
+    base, a, b = str(m["base"]), str(m["a"]), str(m["b"])
+    return {
+        "unknown method": ({"merge_method": "tiess", "models": [{"model": a}]}, "Available: "),
+        "unknown parameter": ({"merge_method": "ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 1, "densty": 0.5}}]}, "'densty' is not a parameter of ties"),
+        "missing weight": ({"merge_method": "linear", "models": [{"model": a}, {"model": b}]}, "weight of"),
+        "density range": ({"merge_method": "ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 1, "density": 1.5}}]}, "outside [0, 1]"),
+        "della epsilon": ({"merge_method": "della", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 1, "density": 0.9, "epsilon": 0.2}}]}, "epsilon"),
+        "slerp three": ({"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5},
+                         "models": [{"model": base}, {"model": a}, {"model": b}]}, "exactly 2 models"),
+        "no base": ({"merge_method": "ties", "models": [{"model": a, "parameters": {"weight": 1}}]}, "base_model"),
+        "duplicate": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
+                                                            {"model": a, "parameters": {"weight": 1}}]},
+                      "listed 2 times"),
+        "weights sum to zero": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
+                                                                      {"model": b, "parameters": {"weight": -1}}]},
+                                "sum to 0"),
+        "union tokenizer": ({"merge_method": "linear", "tokenizer_source": "union",
+                             "models": [{"model": a, "parameters": {"weight": 1}}]}, "union"),
+        "missing model": ({"merge_method": "linear", "models": [{"model": str(tmp / "nope"),
+                                                                 "parameters": {"weight": 1}}]}, "no such file"),
+        "hub id": ({"merge_method": "linear", "models": [{"model": "org/some-model", "parameters": {"weight": 1}}]},
+                   "never downloads"),
+        "bad dtype": ({"merge_method": "linear", "dtype": "float8", "models": [{"model": a,
+                                                                                "parameters": {"weight": 1}}]},
+                      "not a dtype"),
+        "nan weight": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": float("nan")}}]},
+                       "finite"),
+        "both layouts": ({"merge_method": "linear", "models": [{"model": a}],
+                          "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}, "exactly one of"),
+        "layer range": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 9]}]}]},
+                        "past it"),
+    }
+
+
+def test_bad_configs_exit_2_and_write_nothing(merge_root, tmp_path, capsys):
+    m = _variants(merge_root, "llama", "bfloat16")
+    for label, (cfg, needle) in _bad_cases(m, tmp_path).items():
+        out = tmp_path / f"out-{label.replace(' ', '-')}"
+        rc = main(["merge", str(_write(tmp_path, cfg, f"{label.replace(' ', '-')}.yaml")), str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2, f"{label}: exit {rc}: {err}"
+        assert needle in err, f"{label}: {err}"
+        assert "Traceback" not in err and err.count("\n") <= 2, f"{label}: {err}"
+        assert not out.exists(), label
+
+
+def test_models_that_differ_are_refused_before_reading(merge_root, tmp_path, capsys):
+    """Different families, sizes or vocabularies: exit 2 naming the tensor and both shapes."""
+    from tests.tiny import build_tiny_model
+
+    m = _variants(merge_root, "llama", "float32")
+    wide = build_tiny_model("llama", tmp_path / "wide", intermediate_size=192)
+    vocab = build_tiny_model("llama", tmp_path / "vocab", vocab_size=384)
+    qwen = build_tiny_model("qwen2", tmp_path / "qwen")
+    for other, needle in ((wide, "mlp.down_proj.weight: [64, 128]"), (vocab, "vocabularies differ"),
+                          (qwen, "is a qwen2 model")):
+        cfg = {"merge_method": "linear", "models": [{"model": str(m["a"]), "parameters": {"weight": 1}},
+                                                     {"model": str(other), "parameters": {"weight": 1}}]}
+        out = tmp_path / "out"
+        assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err, err
+        assert not out.exists()
+
+
+def test_non_finite_result_is_an_error_naming_the_tensor(merge_root, tmp_path, capsys):
+    """fp16 overflow (mergekit PR #704): a merge whose result is Inf stops, nothing written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m = _variants(merge_root, "llama", "float32")
+    hot = tmp_path / "hot"
+    shutil.copytree(m["a"], hot)
+    sd = load_file(hot / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.full_like(sd["model.layers.1.mlp.up_proj.weight"], 70000.0)
+    save_file(sd, hot / "model.safetensors", metadata={"format": "pt"})
+    cfg = {"merge_method": "linear", "out_dtype": "float16", "parameters": {"normalize": False},
+           "models": [{"model": str(hot), "parameters": {"weight": 1.0}},
+                      {"model": str(m["b"]), "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "non-finite" in err
+    assert not out.exists()
