@@ -339,7 +339,8 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
             click.echo(f"greedy soup of {len(resolved.models)} candidates, scored on {eval_data} "
                        f"({eval_tokens:,} tokens each); a dry run scores nothing")
             return
-        soup = greedy_soup(resolved, _perplexity_scorer(eval_data, eval_tokens), where)
+        scorer = _perplexity_scorer(eval_data, eval_tokens, resolved.readers[0].path)
+        soup = greedy_soup(resolved, scorer, where, log=log.info)
         resolved = soup.resolved
     elif eval_data:
         raise click.UsageError("--eval-data is for merge_method: greedy_soup")
@@ -410,14 +411,16 @@ def _merge_text(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _perplexity_scorer(eval_data: str, max_tokens: int):
-    """model directory -> perplexity on the first ``max_tokens`` tokens of ``eval_data``."""
-    def score(model_dir) -> float:
-        from lmexpand.eval.perplexity import perplexity_of
+def _perplexity_scorer(eval_data: str, max_tokens: int, tokenizer_dir: Path):
+    """model -> perplexity on the first ``max_tokens`` tokens of ``eval_data`` (windows of 256),
+    tokenized once; the file and the tokenizer are checked now, before any model is scored."""
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+    from lmexpand.eval.perplexity import parse_text_set, perplexity, token_stream
 
-        return perplexity_of(model_dir, eval_data, max_tokens=max_tokens)
-
-    return score
+    ids = token_stream(parse_text_set(eval_data), load_tokenizer(tokenizer_dir), max_tokens)
+    if len(ids) < 64:
+        raise click.UsageError(f"--eval-data {eval_data}: only {len(ids)} tokens; give more held-out text")
+    return lambda model: perplexity(model, ids, seq_len=256, stride=256)["ppl"]
 
 
 # -- train --------------------------------------------------------------------------------

@@ -360,3 +360,41 @@ def test_non_finite_result_is_an_error_naming_the_tensor(merge_root, tmp_path, c
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.up_proj.weight" in err and "non-finite" in err
     assert not out.exists()
+
+
+def test_greedy_soup_keeps_only_what_helps(merge_root, tmp_path):
+    """Candidates: two mild fine-tunes and one broken (heavily noised) model. The soup ranks
+    them alone, keeps an addition only when held-out perplexity does not rise, records every
+    score, and writes exactly the uniform average it scored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = _variants(merge_root, "llama", "float32")
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(m["c"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(3.0 * torch.randn(p.shape, generator=g) * p.abs().mean())
+    model.save_pretrained(broken)
+    for f in m["c"].glob("tokenizer*"):
+        shutil.copy(f, broken / f.name)
+    cfg = {"merge_method": "greedy_soup", "models": [{"model": str(m["a"])}, {"model": str(broken)},
+                                                      {"model": str(m["b"])}]}
+    data = ROOT / "recipes" / "data" / "openstax-sample" / "valid.txt"
+    out = tmp_path / "soup"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out), "--eval-data", str(data), "--eval-tokens", "512"]) == 0
+    rec = json.loads((out / "lmexpand.json").read_text())["merge"]["greedy_soup"]
+    assert rec["ranking"][-1] == str(broken) and str(broken) not in rec["kept"]
+    alone = rec["candidates_alone"]
+    assert len(alone) == 3 and all(v > 1 for v in alone.values())
+    assert rec["soup_perplexity"] <= min(alone.values())
+    # the output is the uniform linear merge of the kept set, bitwise
+    ref_cfg = {"merge_method": "linear", "models": [{"model": k, "parameters": {"weight": 1.0}} for k in rec["kept"]]}
+    ref = tmp_path / "ref"
+    assert main(["merge", str(_write(tmp_path, ref_cfg, "ref.yaml")), str(ref)]) == 0
+    a, b = _tensors(out), _tensors(ref)
+    assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    # without --eval-data: a usage error, nothing written
+    assert main(["merge", str(_write(tmp_path, cfg, "again.yaml")), str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
