@@ -118,7 +118,11 @@ def execute(
 
 class _Prefetch:
     """Replaces each computed producer by one that returns a worker's result, keeping the
-    next ``threads`` computations submitted (so memory stays ~ threads x largest tensor)."""
+    next ``threads`` computations submitted. A memory budget of the largest tensor's bytes is
+    taken in plan order before each computation (a tensor as large as the budget runs alone,
+    small ones run side by side), so the peak stays that of the largest tensor's computation
+    plus ``threads`` small ones, not ``threads`` large ones at once. Taking it in order also
+    keeps ordered resources (the random methods' draws) free of deadlock."""
 
     def __init__(self, outputs: list[OutputTensor], threads: int):
         import threading
@@ -129,20 +133,42 @@ class _Prefetch:
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, self._torch_threads // threads))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmexpand-merge")
-        self._ahead = threads + 1
+        self._ahead = threads
         self._lock = threading.Lock()
+        self._budget = threading.Condition()
         self._order = [i for i, o in enumerate(outputs) if isinstance(o.producer, Computed)]
         self._fns = {i: outputs[i].producer.fn for i in self._order}
+        self._cost = {k: outputs[i].slot.nbytes for k, i in enumerate(self._order)}
+        self._capacity = max(self._cost.values(), default=1) or 1
+        self._free = self._capacity
+        self._ticket = 0
+        self._closed = False
         self._futures: dict[int, Any] = {}
         self._submitted = 0
         for k, i in enumerate(self._order):
             outputs[i] = OutputTensor(outputs[i].slot, Computed(lambda k=k: self._take(k)))
 
+    def _run(self, k: int) -> "torch.Tensor":
+        cost = min(self._cost[k], self._capacity)
+        with self._budget:
+            while not self._closed and (self._ticket != k or self._free < cost):
+                self._budget.wait(timeout=1.0)
+            if self._closed:
+                raise RuntimeError("stopped")
+            self._free -= cost
+            self._ticket += 1
+            self._budget.notify_all()
+        try:
+            return self._fns[self._order[k]]()
+        finally:
+            with self._budget:
+                self._free += cost
+                self._budget.notify_all()
+
     def _take(self, k: int) -> "torch.Tensor":
         with self._lock:
             while self._submitted < min(len(self._order), k + self._ahead):
-                i = self._order[self._submitted]
-                self._futures[self._submitted] = self._pool.submit(self._fns[i])
+                self._futures[self._submitted] = self._pool.submit(self._run, self._submitted)
                 self._submitted += 1
             future = self._futures.pop(k)
         return future.result()
@@ -150,6 +176,9 @@ class _Prefetch:
     def close(self) -> None:
         import torch
 
+        with self._budget:
+            self._closed = True
+            self._budget.notify_all()
         for f in self._futures.values():
             f.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -163,7 +192,8 @@ def _finite(t, value: "torch.Tensor") -> "torch.Tensor":
     tensors are not read; `lmexpand verify --values all` scans those."""
     import torch
 
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    # one reduction, no temporary (NaN propagates through min/max, Inf shows in one of them)
+    if value.is_floating_point() and value.numel() and not all(bool(torch.isfinite(x)) for x in torch.aminmax(value.reshape(-1))):
         from lmexpand.errors import CheckpointError
 
         bad = int((~torch.isfinite(value)).sum())

@@ -290,18 +290,25 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
         return base
     density = x.per_model["density"]
     deltas = base.new_empty((len(others), *base.shape))
-    raw = [other - base for other in others]
+    masks: list = [None] * len(others)
     if sparsify in ("random", "della"):
-        probs = []
-        for i, d in enumerate(raw):
-            if density[i] >= 1 or (sparsify == "della" and density[i] <= 0):
-                probs.append(None)
-            else:
-                probs.append(_bernoulli_probs(d, density[i]) if sparsify == "random"
-                             else _della_probs(d, density[i], x.per_model["epsilon"][i]))
-        # the draws, in mergekit's order: tensors by sorted name, then models in config order
-        masks = x.draw(lambda gen: [None if p is None else torch.bernoulli(p, generator=gen) for p in probs])
-    for i, d in enumerate(raw):
+        def draw_all(gen):
+            # mergekit's order: tensors by sorted name, then models in config order; one
+            # model's keep-probabilities at a time (della's come from its delta's ranks)
+            out = []
+            for i, other in enumerate(others):
+                if density[i] >= 1 or (sparsify == "della" and density[i] <= 0):
+                    out.append(None)
+                    continue
+                p = (_bernoulli_probs(other, density[i]) if sparsify == "random"
+                     else _della_probs(other - base, density[i], x.per_model["epsilon"][i]))
+                out.append(torch.bernoulli(p, generator=gen))
+                del p
+            return out
+
+        masks = x.draw(draw_all)
+    for i, other in enumerate(others):
+        d = other - base  # one model's delta at a time (memory)
         if sparsify == "magnitude":
             d = _magnitude(d, density[i], rescale)
         elif sparsify == "outliers":
@@ -318,7 +325,8 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
                 dd = d.unsqueeze(0) if d.dim() < 2 else d
                 d = _rescaled(dd.to(work), masks[i].to(work), rescale).to(d.dtype).reshape(shape)
         deltas[i] = d
-    del raw
+        masks[i] = None
+        del d
     weights = torch.tensor(x.per_model["weight"], dtype=deltas.dtype)
     while deltas.dim() > weights.dim():
         weights.unsqueeze_(-1)
