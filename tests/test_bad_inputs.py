@@ -175,6 +175,12 @@ def _bomb(ctx: Ctx) -> Path:
     return _recipe(ctx, "bomb", "\n".join(lines) + "\n")
 
 
+def _merge(ctx: Ctx, name: str, doc: dict) -> Path:
+    import yaml
+
+    return ctx.file(f"{name}.yaml", yaml.safe_dump(doc))
+
+
 def _train_recipe(ctx: Ctx, name: str, **train) -> Path:
     doc = {"train": {"model": str(ctx.pro), "data": [{"path": str(ctx.data), "template": TEMPLATE}], "seq_len": 32,
                      "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "tensorboard": False, **train}}
@@ -572,6 +578,55 @@ CASES: list[Case] = [
     Case("train-config-fewer-layers", "train a model whose config counts fewer layers than its tensors",
          lambda c: _train(c, _edit_config(c.model_copy("train-fewer", c.pro), num_hidden_layers=5)),
          ("model.layers.5", "does not have")),
+    # -- merge (mergekit YAML) --------------------------------------------------------------
+    Case("merge-unknown-method", "a merge_method that does not exist",
+         lambda c: ["merge", _merge(c, "m-method", {"merge_method": "tiess", "models": [{"model": str(c.tiny)}]}), c.out],
+         ("merge_method", "Available:", "dare_ties")),
+    Case("merge-misspelled-parameter", "a misspelled merge parameter (mergekit ignores it)",
+         lambda c: ["merge", _merge(c, "m-param", {"merge_method": "ties", "base_model": str(c.tiny), "models": [
+             {"model": str(c.model_copy("m-a")), "parameters": {"weight": 1, "densty": 0.5}}]}), c.out],
+         ("'densty' is not a parameter of ties",)),
+    Case("merge-missing-weight", "linear without weights",
+         lambda c: ["merge", _merge(c, "m-weight", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}]}), c.out], ("weight of", "required")),
+    Case("merge-density", "density outside [0, 1]",
+         lambda c: ["merge", _merge(c, "m-density", {"merge_method": "ties", "base_model": str(c.tiny), "models": [
+             {"model": str(c.model_copy("m-a")), "parameters": {"weight": 1, "density": 1.5}}]}), c.out],
+         ("outside [0, 1]",)),
+    Case("merge-della-epsilon", "della with density +- epsilon outside (0, 1)",
+         lambda c: ["merge", _merge(c, "m-eps", {"merge_method": "della", "base_model": str(c.tiny), "models": [
+             {"model": str(c.model_copy("m-a")), "parameters": {"weight": 1, "density": 0.9, "epsilon": 0.2}}]}),
+             c.out], ("epsilon", "(0, 1)")),
+    Case("merge-slerp-three", "slerp of three models",
+         lambda c: ["merge", _merge(c, "m-slerp", {"merge_method": "slerp", "base_model": str(c.tiny),
+                                                    "parameters": {"t": 0.5}, "models": [
+             {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}, {"model": str(c.model_copy("m-b"))}]}),
+             c.out], ("exactly 2 models",)),
+    Case("merge-no-base", "ties without base_model",
+         lambda c: ["merge", _merge(c, "m-nobase", {"merge_method": "ties", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out], ("needs base_model",)),
+    Case("merge-duplicate", "the same model listed twice",
+         lambda c: ["merge", _merge(c, "m-dup", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}, {"model": str(c.tiny), "parameters": {"weight": 1}}]}),
+             c.out], ("listed 2 times",)),
+    Case("merge-vocab", "models with different vocabularies",
+         lambda c: ["merge", _merge(c, "m-vocab", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}, {"model": str(c.qwen), "parameters": {"weight": 1}}]}),
+             c.out], ("qwen2",)),
+    Case("merge-weights-zero", "normalized weights summing to 0",
+         lambda c: ["merge", _merge(c, "m-zero", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}},
+             {"model": str(c.model_copy("m-a")), "parameters": {"weight": -1}}]}), c.out], ("sum to 0",)),
+    Case("merge-union-tokenizer", "tokenizer_source: union",
+         lambda c: ["merge", _merge(c, "m-union", {"merge_method": "linear", "tokenizer_source": "union", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out], ("union",)),
+    Case("merge-out-is-input", "a merge written into one of its inputs",
+         lambda c: ["merge", _merge(c, "m-into", {"merge_method": "linear", "models": [
+             {"model": str(c.model_copy("m-into-a")), "parameters": {"weight": 1}}]}), c.model_copy("m-into-a"),
+             "--force"], ("m-into-a",)),
+    Case("merge-config-not-mapping", "a merge file that is a YAML list",
+         lambda c: ["merge", c.file("m-list.yaml", "- merge_method: linear\n"), c.out], ("YAML mapping",)),
+
 ]
 
 
