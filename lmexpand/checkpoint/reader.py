@@ -298,14 +298,15 @@ class CheckpointReader:
         fd = self._handles.get(info.file)
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view, pos = memoryview(buf), 0
+        # uninitialized memory (a bytearray would be zero-filled first: one more pass over it)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, pos = memoryview(raw.numpy()), 0
         while pos < info.nbytes:
             n = os.preadv(fd, [view[pos:]], info.offset + pos)
             if n == 0:
                 raise CheckpointError(f"{info.file}: ended early while reading {name!r}; the file is truncated.")
             pos += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return raw.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._handles.values():
