@@ -161,12 +161,13 @@ def _option_for_field(name: str, field) -> click.Option:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
     base = args[0] if is_optional else annotation
-    default = field.get_default(call_default_factory=True)
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
     if isinstance(default, list):
         default = ",".join(map(str, default)) or None
     if isinstance(default, dict):
         default = None
-    help_text = (field.description or "") + ("" if default is None else f"  [default: {default}]")
+    help_text = (field.description or "") + ("  [required]" if field.is_required() else
+                                             "" if default is None else f"  [default: {default}]")
     flag = flag_name(name)
     if base is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
