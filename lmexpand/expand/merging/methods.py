@@ -374,29 +374,25 @@ def _task_family(name: str, *, sparsify: Optional[str], consensus: bool, normali
              random=sparsify in ("random", "della"))(merge)
 
 
-_task_family("task_arithmetic", sparsify=None, consensus=False, normalize=False, rescale=False,
-             paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)",
-             summary="base + sum_i w_i (x_i - base)")
-_task_family("ties", sparsify="magnitude", consensus=True, normalize=True, rescale=False,
-             paper="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
-             summary="trim to the top-density magnitudes, elect signs, disjoint mean")
-_task_family("dare_ties", sparsify="random", consensus=True, normalize=False, rescale=True,
-             paper="Yu et al. 2024, DARE: language models are Super Mario (arXiv 2311.03099)",
-             summary="drop deltas at random (keep density), rescale, elect signs")
-_task_family("dare_linear", sparsify="random", consensus=False, normalize=False, rescale=True,
-             paper="Yu et al. 2024, DARE (arXiv 2311.03099)", summary="drop deltas at random, rescale, add")
-_task_family("breadcrumbs", sparsify="outliers", consensus=False, normalize=False, rescale=False,
-             paper="Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06795)",
-             summary="drop the largest (gamma) and smallest deltas, add")
-_task_family("breadcrumbs_ties", sparsify="outliers", consensus=True, normalize=False, rescale=False,
-             paper="Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06795)",
-             summary="breadcrumbs with TIES sign election")
-_task_family("della", sparsify="della", consensus=True, normalize=True, rescale=True,
-             paper="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)",
-             summary="magnitude-ranked random drop (density +- epsilon), rescale, elect signs")
-_task_family("della_linear", sparsify="della", consensus=False, normalize=False, rescale=True,
-             paper="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)",
-             summary="della without sign election")
+# name, sparsification, sign election, normalize and rescale defaults (mergekit's registry), paper, summary
+_DARE = "Yu et al. 2024, DARE: language models are Super Mario (arXiv 2311.03099)"
+_CRUMBS = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06795)"
+_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)"
+for _name, _sparsify, _consensus, _normalize, _rescale, _paper, _summary in (
+    ("task_arithmetic", None, False, False, False, "Ilharco et al. 2023, Editing models with task arithmetic "
+     "(arXiv 2212.04089)", "base + sum_i w_i (x_i - base)"),
+    ("ties", "magnitude", True, True, False, "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
+     "trim to the top-density magnitudes, elect signs, disjoint mean"),
+    ("dare_ties", "random", True, False, True, _DARE, "drop deltas at random (keep density), rescale, elect signs"),
+    ("dare_linear", "random", False, False, True, _DARE, "drop deltas at random, rescale, add"),
+    ("breadcrumbs", "outliers", False, False, False, _CRUMBS, "drop the largest (gamma) and smallest deltas, add"),
+    ("breadcrumbs_ties", "outliers", True, False, False, _CRUMBS, "breadcrumbs with TIES sign election"),
+    ("della", "della", True, True, True, _DELLA, "magnitude-ranked random drop (density +- epsilon), rescale, "
+     "elect signs"),
+    ("della_linear", "della", False, False, True, _DELLA, "della without sign election"),
+):
+    _task_family(_name, sparsify=_sparsify, consensus=_consensus, normalize=_normalize, rescale=_rescale,
+                 paper=_paper, summary=_summary)
 
 
 # -- model stock, passthrough -------------------------------------------------------------------
