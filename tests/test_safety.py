@@ -136,9 +136,17 @@ def _wait_for(path: Path, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as at a terminal. A shell that runs the suite as a background job
+    (`bash .ci/run &`) starts it with SIGINT ignored, children inherit that, and Python then
+    never installs its KeyboardInterrupt handler: these tests would test the launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_with_one_line(tiny_pro, gsm8k_small, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(CMD + train_args(tiny_pro, gsm8k_small, run, "--max-steps", "100000"), env=ENV,
+                            preexec_fn=_default_sigint,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(run / "metrics.jsonl")
     time.sleep(1.0)
@@ -159,7 +167,7 @@ def test_second_run_on_one_workdir_is_refused(tiny_llama, gsm8k_small, tmp_path)
         "train": {"model": str(tiny_llama), "trainable": "all", "data": [{"path": str(gsm8k_small),
                                                                           "template": TEMPLATE}],
                   "seq_len": 32, "batch_size": 2, "max_steps": 100000, "tensorboard": False, "val_every": 0}}))
-    first = subprocess.Popen(CMD + ["run", str(recipe)], env=ENV, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(CMD + ["run", str(recipe)], env=ENV, preexec_fn=_default_sigint, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         _wait_for(tmp_path / "work" / "train" / "metrics.jsonl")
