@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, SourceError
 from lmexpand.expand.merging.config import DTYPES, MergeFile, resolve
 from lmexpand.expand.merging.methods import METHODS, Inputs, MergeMethod, method_names
-from lmexpand.expand.plan import Plan, Read, TensorPlan, remap_layers
+from lmexpand.expand.plan import Plan, Read, TensorPlan, _torch_dtype, remap_layers
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ class MergeTensor:
     def _compute(self, get, shape, dtype) -> "torch.Tensor":
         import torch
 
-        work = getattr(torch, torch_dtype_name(self.work_dtype))
+        work = _torch_dtype(self.work_dtype)
         tensors = [get(r.model, r.name) for r in self.inputs]
         if not tensors[0].is_floating_point():  # integer buffers: the first input's, as mergekit
             if self.stream is not None:
@@ -121,10 +121,6 @@ class Resolved:
     slices: list[dict]  # {"sources": [(model index, start, end, parameters)], "base": int|None, "parameters"}
 
 
-def _index(refs: list[str], ref: str) -> int:
-    return refs.index(ref)
-
-
 def open_models(file: MergeFile, where: str, *, allow_pickle: bool = False,
                 relative_to: Optional[Path] = None) -> Resolved:
     """Check method and references, open every model (headers only)."""
@@ -165,10 +161,8 @@ def open_models(file: MergeFile, where: str, *, allow_pickle: bool = False,
             candidate = str(relative_to / ref)
         try:
             paths.append(resolve_source(candidate))
-        except ConfigError:
-            raise
-        except Exception as e:  # SourceError: the message names the path and the fix
-            raise type(e)(f"{where}: model {ref}: {e}") from None
+        except SourceError as e:  # the message names the path and the fix
+            raise SourceError(f"{where}: model {ref}: {e}") from None
     resolved_paths = [p.resolve() for p in paths]
     for i, p in enumerate(resolved_paths):
         if resolved_paths.index(p) != i:
@@ -217,18 +211,14 @@ def _check_structure(r: Resolved, where: str) -> list[str]:
     return problems
 
 
-def _dtype_name(st: str) -> str:
-    return torch_dtype_name(st)
-
-
 def _promote(dtypes: list[str]) -> str:
     import torch
 
     from lmexpand.checkpoint.reader import st_dtype_of
 
-    d = getattr(torch, _dtype_name(dtypes[0]))
+    d = _torch_dtype(dtypes[0])
     for x in dtypes[1:]:
-        d = torch.promote_types(d, getattr(torch, _dtype_name(x)))
+        d = torch.promote_types(d, _torch_dtype(x))
     return st_dtype_of(torch.empty(0, dtype=d))
 
 
@@ -247,8 +237,6 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
         if method.base == "required" and base is None:
             problems.append(f"{method.name} needs base_model: the model the task vectors are measured from; add "
                             "base_model: PATH")
-        if base is not None and method.base == "ignored" and file.models is None and base not in in_slice:
-            pass
         if base is not None and method.base != "ignored" and base not in in_slice:
             problems.append(f"{label}: base_model {r.models[base]} is not one of the slice's sources; add it there")
         non_base = n_inputs - (1 if base is not None and base in in_slice and method.base != "ignored" else 0)

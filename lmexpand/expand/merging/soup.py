@@ -20,6 +20,7 @@ from typing import Any, Callable
 from lmexpand.errors import ConfigError
 from lmexpand.expand.merging.config import InputModel
 from lmexpand.expand.merging.planner import Resolved, open_models, plan_merge
+from lmexpand.expand.plan import _torch_dtype
 
 
 @dataclass
@@ -50,11 +51,11 @@ def soup_inputs(resolved: Resolved, where: str) -> Resolved:
 
 
 def _uniform(resolved: Resolved, refs: list[str], where: str) -> Resolved:
+    """A linear merge, weight 1 each, of the candidates ``refs`` (by their resolved paths)."""
+    paths = {ref: str(reader.path) for ref, reader in zip(resolved.models, resolved.readers)}
     f = resolved.file.model_copy(update={
         "merge_method": "linear", "base_model": None,
-        "models": [InputModel(model=r, parameters={"weight": 1.0}) for r in refs]})
-    paths = {ref: str(reader.path) for ref, reader in zip(resolved.models, resolved.readers)}
-    f = f.model_copy(update={"models": [InputModel(model=paths[r], parameters={"weight": 1.0}) for r in refs]})
+        "models": [InputModel(model=paths[r], parameters={"weight": 1.0}) for r in refs]})
     return open_models(f, where)
 
 
@@ -74,7 +75,7 @@ def _materialize(resolved: Resolved, where: str, model: Any = None) -> Any:
     if model is None:
         config = AutoConfig.for_model(**{k: v for k, v in plan.config.items() if k != "model_type"},
                                       model_type=plan.config["model_type"])
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, _torch_name(plan.tensors[0].dtype)))
+        model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(plan.tensors[0].dtype))
     state = {t.name: compute_tensor(t, get) for t in plan.tensors}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
@@ -84,12 +85,6 @@ def _materialize(resolved: Resolved, where: str, model: Any = None) -> Any:
     for r in readers:
         r.close()
     return model.eval()
-
-
-def _torch_name(st: str) -> str:
-    from lmexpand.checkpoint.reader import torch_dtype_name
-
-    return torch_dtype_name(st)
 
 
 def greedy_soup(resolved: Resolved, score: Callable[[Any], float], where: str,
