@@ -128,10 +128,9 @@ class _Prefetch:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        import torch
-
-        self._torch_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, self._torch_threads // threads))
+        # torch's own thread count is left as it is: it decides how long reductions (norms,
+        # sums) are split, so changing it would change the bits of slerp, model_stock, rescaled
+        # DARE... relative to a run with the default (mergekit's)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmexpand-merge")
         self._ahead = threads
         self._lock = threading.Lock()
@@ -174,8 +173,6 @@ class _Prefetch:
         return future.result()
 
     def close(self) -> None:
-        import torch
-
         with self._budget:
             self._closed = True
             self._budget.notify_all()
@@ -183,7 +180,6 @@ class _Prefetch:
             f.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._futures.clear()
-        torch.set_num_threads(self._torch_threads)
 
 
 def _finite(t, value: "torch.Tensor") -> "torch.Tensor":
