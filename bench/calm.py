@@ -32,7 +32,7 @@ PY = sys.executable
 FORWARD = """
 import json, statistics, sys, time, torch
 sys.path.insert(0, {root!r})
-from lmexpand.composed import load_model, register_if_composed
+from lmexpand.compose.loading import load_model, register_if_composed
 from lmexpand.checkpoint.sources import resolve_source
 path = resolve_source({model!r})
 register_if_composed(path)

@@ -182,7 +182,7 @@ def run(out: Path, aug_steps: int, anchor_steps: int, bridge_steps: int, control
     seen_p, seen_a = [f"{a}+{b}=" for a, b in seen], [str(value[a] + value[b]) for a, b in seen]
 
     from lmexpand.cli import main as cli
-    from lmexpand.composed import load_model
+    from lmexpand.compose.loading import load_model
 
     rows = [("anchor alone", exact_match(anchor, held_p, held_a), exact_match(anchor, seen_p, seen_a), anchor_arith)]
     runs = [("composed (CALM)", out / "augment")]

@@ -17,7 +17,7 @@ from typing import Sequence
 import click
 
 from lmexpand import __version__
-from lmexpand.errors import LmexpandError
+from lmexpand.errors import ConfigError, LmexpandError
 
 log = logging.getLogger("lmexpand")
 
@@ -188,8 +188,12 @@ def _option_for_field(name: str, field) -> click.Option:
 
 
 def _surgery_command(method) -> click.Command:
-    params: list[click.Parameter] = [click.Argument([s.lower()]) for s in method.sources]
-    params.append(click.Argument(["out"], required=False))
+    if method.variadic:  # MODEL MODEL [MODEL...] OUT: split in _run_surgery
+        params: list[click.Parameter] = [click.Argument(["models_and_out"], nargs=-1,
+                                                        metavar=" ".join(method.sources) + " [...] OUT")]
+    else:
+        params = [click.Argument([s.lower()]) for s in method.sources]
+        params.append(click.Argument(["out"], required=False))
     params += [_option_for_field(n, f) for n, f in method.config.model_fields.items()]
     params += [
         click.Option(["--dry-run"], is_flag=True, help="Print the plan (layer map, parameters, bytes, training memory); write nothing."),
@@ -213,7 +217,11 @@ def _run_surgery(method, kw: dict) -> None:
     from lmexpand.expand.registry import parse_config
     from lmexpand.units import parse_size
 
-    sources = [kw.pop(s.lower()) for s in method.sources]
+    if method.variadic:
+        sources, out = _split_models_and_out(method, list(kw.pop("models_and_out")), kw["dry_run"])
+        kw["out"] = out
+    else:
+        sources = [kw.pop(s.lower()) for s in method.sources]
     out, dry_run, as_json = kw.pop("out"), kw.pop("dry_run"), kw.pop("as_json")
     force, allow_pickle = kw.pop("force"), kw.pop("allow_pickle")
     max_shard_size = parse_size(kw.pop("max_shard_size"), "--max-shard-size")
@@ -244,6 +252,23 @@ def _run_surgery(method, kw: dict) -> None:
         log.info("not exact at init: max |dlogit| vs the source = %.3g (fp32, fixed batch of 2x32 tokens)", delta)
     if as_json:
         click.echo(json.dumps({"output": str(path), **summary}, indent=2))
+
+
+def _split_models_and_out(method, args: list[str], dry_run: bool) -> tuple[list[str], str | None]:
+    """``MODEL MODEL ... OUT``: the last argument is OUT, except under --dry-run when it
+    names a model (then every argument is a model)."""
+    from lmexpand.checkpoint.sources import EMBEDDED
+
+    def is_model(a: str) -> bool:
+        return a in EMBEDDED or (Path(a) / "config.json").is_file()
+
+    models, out = (args, None) if dry_run and args and is_model(args[-1]) else (args[:-1], args[-1] if args else None)
+    need = len(method.sources)
+    if len(models) < need:
+        raise ConfigError(f"surgery {method.name} needs at least {need} models, then OUT "
+                          f"(`lmexpand surgery {method.name} {' '.join(method.sources)} [...] OUT`); got "
+                          f"{len(models)} model(s)" + (f" and OUT {out}" if out else "") + ".")
+    return models, out
 
 
 def _print_plan(s: dict) -> None:
@@ -574,7 +599,6 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
     """
     from pathlib import Path
 
-    from lmexpand.errors import ConfigError
     from lmexpand.eval.perplexity import parse_text_set
     from lmexpand.eval.report import run_eval
 
@@ -600,6 +624,59 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
     log.info("report: %s", Path(out) / "report.md")
     if as_json:
         click.echo(json.dumps(results, indent=2))
+
+
+# -- generate -----------------------------------------------------------------------------
+@cli.command(context_settings=_CONTEXT)
+@click.argument("model")
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue; repeat for a batch (left-padded).  [required]")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--chat", is_flag=True, help="Format each prompt with the tokenizer's chat template (a user turn).")
+@click.option("--system", default=None, help="With --chat: a system message before the prompt.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="With --sample: softmax temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="With --sample: nucleus sampling mass (0, 1].")
+@click.option("--top-k", type=int, default=0, show_default=True, help="With --sample: keep the K likeliest tokens (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --sample: random seed.")
+@click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens even past an end-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print {prompts, texts, tokens, seconds, tokens_per_second} as JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights (weights-only). Only for trusted files.")
+def generate(model: str, prompts, max_new_tokens, chat, system, sample, temperature, top_p, top_k, seed, ignore_eos,
+             as_json, allow_pickle) -> None:
+    """Generate text from any model lmexpand can load: stock, expanded, MoE, CALM, composed.
+
+    MODEL is a model directory, a training run directory (its model/), or an embedded
+    name. One prompt streams its continuation to stdout; several run as one batch. The
+    speed (new tokens per second) goes to stderr at the end.
+
+    \b
+    Examples:
+      lmexpand generate smollm2-135m --prompt "The capital of France is"
+      lmexpand generate out/sum --chat --prompt "What is 12 * 7?" --max-new-tokens 48
+      lmexpand generate out/cd --prompt "Once upon a time" --sample --top-p 0.9 --seed 1
+    """
+    from lmexpand.eval.generation import GenerationSettings, generate as run_generate
+    from lmexpand.export import resolve_export_source
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, chat=chat, system=system, sample=sample,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                  stop_at_eos=not ignore_eos)
+    settings.check()
+    if not prompts:
+        raise ConfigError("give a prompt: --prompt TEXT (repeat it for a batch).")
+    model_dir = resolve_export_source(model)
+    stream = None if as_json or len(prompts) > 1 else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    result = run_generate(model_dir, list(prompts), settings, allow_pickle=allow_pickle, on_text=stream)
+    if as_json:
+        click.echo(json.dumps({"prompts": list(prompts), "texts": result.texts, "tokens": result.new_tokens,
+                               "seconds": round(result.seconds, 3),
+                               "tokens_per_second": round(result.tokens_per_second, 2)}, indent=2))
+    elif stream is not None:
+        click.echo("")
+    else:
+        for p, t in zip(prompts, result.texts):
+            click.echo(f"### {p}\n{t}\n")
+    log.info("%d new tokens in %.2f s: %.1f tokens/s", result.new_tokens, result.seconds, result.tokens_per_second)
 
 
 # -- export -------------------------------------------------------------------------------

@@ -46,9 +46,10 @@ def find_eval_results(model_dir: Path, explicit: Path | None) -> dict[str, Any] 
 def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: dict[str, Any] | None,
                n_params: int, remote_code: bool = False) -> str:
     arch = (config.get("architectures") or ["?"])[0]
-    load = ("`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: a composed (CALM) model runs two "
-            "models and the bridges, a class transformers does not ship, so its modeling file "
-            "`modeling_lmexpand_calm.py` comes with it" if remote_code else
+    kind = config.get("model_type")
+    load = ("`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: a composed model runs several "
+            "models at once, a class transformers does not ship, so its modeling file "
+            f"`modeling_{kind}.py` comes with it" if remote_code else
             "`AutoModelForCausalLM.from_pretrained(path)` (no remote code)")
     lines = ["---", "library_name: transformers", "tags: [lmexpand]", "---", "",
              f"# {arch} grown with lmexpand", "",
@@ -85,7 +86,8 @@ def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: 
 
 def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval_dir: Path | None = None,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, allow_pickle: bool = False) -> Path:
-    from lmexpand.composed import is_composed
+    from lmexpand.checkpoint.composed import member_references
+    from lmexpand.compose.loading import is_composed
 
     model_dir = resolve_export_source(spec)
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
@@ -95,7 +97,7 @@ def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval
     results = find_eval_results(model_dir, eval_dir)
     outputs = [unchanged_tensor(reader, t) for t in reader]
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
-    remote_code = is_composed(model_dir) and bool(config.get("anchor_path"))
+    remote_code = is_composed(model_dir) and bool(member_references(config))
     if remote_code:
         more, modeling_file = _composed_sources(model_dir, config, readers)
         outputs += more
@@ -115,20 +117,47 @@ def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval
 
 def _composed_sources(model_dir: Path, config: dict[str, Any],
                       readers: list[CheckpointReader]) -> tuple[list[OutputTensor], Any]:
-    """A CALM directory made self-contained: the anchor's tensors under ``anchor.``, the
-    augmenting model's decoder under ``augment.`` (its LM head is not used), the modeling
-    file beside them (``auto_map``; loading needs trust_remote_code=True)."""
-    import lmexpand.calm_modeling as modeling
-    from lmexpand.composed import _check_sources
+    """A composed directory made self-contained: every member's tensors inside (prefixed
+    as the composed model names them), member paths cleared, the modeling file beside
+    them (``auto_map``; loading needs trust_remote_code=True)."""
+    from lmexpand.compose.loading import CALM_TYPE, check_members, modeling_module
 
-    _check_sources(model_dir, SimpleNamespace(**config), json.loads((model_dir / LINEAGE_FILE).read_text())
-                   if (model_dir / LINEAGE_FILE).is_file() else {})
-    anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
-    readers += [anchor, aug]
-    out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
-    out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
-            for t in aug if t.name.startswith("model.")]
-    config["anchor_path"] = config["augment_path"] = None
-    config["auto_map"] = {"AutoConfig": "modeling_lmexpand_calm.CalmConfig",
-                          "AutoModelForCausalLM": "modeling_lmexpand_calm.CalmForCausalLM"}
-    return out, SimpleNamespace(name="modeling_lmexpand_calm.py", path=Path(modeling.__file__))
+    check_members(model_dir, config)
+    kind = config["model_type"]
+    modeling = modeling_module(kind)
+    if kind == CALM_TYPE:
+        anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
+        readers += [anchor, aug]
+        out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
+        out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
+                for t in aug if t.name.startswith("model.")]
+        config["anchor_path"] = config["augment_path"] = None
+        classes = ("CalmConfig", "CalmForCausalLM")
+    else:
+        out = _logit_members(config, readers)
+        config["member_paths"] = [None] * len(config["member_paths"])
+        classes = ("LogitCompositionConfig", "LogitCompositionForCausalLM")
+    stem = f"modeling_{kind}"
+    config["auto_map"] = {"AutoConfig": f"{stem}.{classes[0]}", "AutoModelForCausalLM": f"{stem}.{classes[1]}"}
+    return out, SimpleNamespace(name=f"{stem}.py", path=Path(modeling.__file__))
+
+
+def _logit_members(config: dict[str, Any], readers: list[CheckpointReader]) -> list[OutputTensor]:
+    """Each member's tensors under ``members.I.``. Every member's head is written out (a
+    tied member's from its embedding bytes): the exported config unties every member, so
+    nothing depends on how a nested model re-ties its weights when loaded."""
+    own = {t.name for t in readers[0]}
+    out: list[OutputTensor] = []
+    for i, path in enumerate(config["member_paths"]):
+        member = CheckpointReader(path)
+        readers.append(member)
+        prefix = f"members.{i}."
+        fam = member.family
+        for t in member:
+            if prefix + t.name not in own:  # a trained head in the composition replaces the member's
+                out.append(OutputTensor(TensorSlot(prefix + t.name, t.dtype, t.shape), RawCopy(t)))
+        if prefix + fam.lm_head not in own and fam.lm_head not in member:
+            emb = member.info(fam.embed)
+            out.append(OutputTensor(TensorSlot(prefix + fam.lm_head, emb.dtype, emb.shape), RawCopy(emb)))
+        config["members"][i]["tie_word_embeddings"] = False
+    return out

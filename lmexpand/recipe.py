@@ -91,7 +91,7 @@ class _Section(BaseModel):
 class SurgerySection(_Section):
     method: str
     source: str | list[str] | None = Field(None, description="the source model; a list for methods with several "
-                                           "(calm: [anchor, augmenting model]); none for merge (its config names them)")
+                                           "(calm: [anchor, augmenting model]; logit-sum: [A, B, ...]); none for merge (its config names them)")
     out: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     allow_pickle: bool = Field(False, description="accept pickle-only sources (pytorch_model.bin), weights-only")
@@ -183,10 +183,14 @@ def load_job(path: Path) -> Job:
         if given and not method.sources:
             raise ConfigError(f"{path}: surgery.source: {s.method} names its models in its configuration "
                               "(surgery.args.config); remove surgery.source.")
-        if len(given) != len(method.sources):
+        need = len(method.sources)
+        if method.variadic and len(given) < need:
+            raise ConfigError(f"{path}: surgery.source: {s.method} takes at least {need} models; got {len(given)}. "
+                              "Write source: [A, B, ...].")
+        if not method.variadic and len(given) != need:
             names = ", ".join(x.lower() for x in method.sources)
-            raise ConfigError(f"{path}: surgery.source: {s.method} takes {len(method.sources)} source model(s) "
-                              f"({names}); got {len(given)}. Write " + ("source: MODEL" if len(method.sources) == 1
+            raise ConfigError(f"{path}: surgery.source: {s.method} takes {need} source model(s) "
+                              f"({names}); got {len(given)}. Write " + ("source: MODEL" if need == 1
                               else f"source: [{names}]") + ".")
         sources = [_resolve(base, x) for x in given]
         for x in sources:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lmexpand.checkpoint import CheckpointReader
 from lmexpand.cli import main
-from lmexpand.composed import load_model
+from lmexpand.compose.loading import load_model
 from tests.test_llama_pro import padded_batch
 from tests.tiny import build_tiny_model
 

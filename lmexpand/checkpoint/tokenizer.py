@@ -57,3 +57,32 @@ def load_tokenizer(model_dir: str | Path, *, what: str = "model", fix_from: str 
             f"{what} {model_dir}: its tokenizer has {n:,} tokens but the model's vocab_size is {vocab:,}: ids from "
             f"{vocab:,} on have no embedding row. Use the tokenizer the model was trained with (from {source}).")
     return tokenizer
+
+
+def shared_token_ids(members: list[tuple[str, Path]]) -> int:
+    """Every member's tokenizer maps the same text pieces to the same ids (a model composed
+    from them feeds one id sequence to all); returns the number of ids the tokenizer uses
+    (largest id + 1). ``members``: (role, directory) pairs; the first is the reference."""
+    (role0, path0), rest = members[0], members[1:]
+    vocab0 = load_tokenizer(path0, what=role0).get_vocab()
+    for role, path in rest:
+        vocab = load_tokenizer(path, what=role).get_vocab()
+        if vocab != vocab0:
+            small, large = sorted(((vocab0, role0, path0), (vocab, role, path)), key=lambda x: len(x[0]))
+            if set(small[0].items()) < set(large[0].items()):
+                extra = sorted(set(large[0].values()) - set(small[0].values()))
+                raise SourceError(
+                    f"the members' vocabularies differ beyond padding: {large[1]} {large[2]} has {len(extra):,} "
+                    f"tokens that {small[1]} {small[2]} lacks (ids {extra[0]:,}..{extra[-1]:,}), so their logits "
+                    "do not describe the same tokens. Compose models with the same tokenizer (only padding rows "
+                    "beyond the tokenizer may differ).")
+            only0 = sorted(set(vocab0.items()) - set(vocab.items()), key=lambda kv: kv[1])
+            only = sorted(set(vocab.items()) - set(vocab0.items()), key=lambda kv: kv[1])
+            example = (f"{only0[0][0]!r} is id {only0[0][1]} in {role0}" if only0 else "") + \
+                (" but " if only0 and only else "") + (f"{only[0][0]!r} is id {only[0][1]} in {role}" if only else "")
+            raise SourceError(
+                f"{role} {path} and {role0} {path0} have different tokenizers ({len(vocab):,} vs {len(vocab0):,} "
+                f"tokens; {example}): a composed model feeds the same token ids to every member, so they must "
+                "share one tokenizer. Compose models fine-tuned from the same base, or give them that base's "
+                "tokenizer if they were trained with it.")
+    return max(vocab0.values()) + 1 if vocab0 else 0

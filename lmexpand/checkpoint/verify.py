@@ -154,7 +154,7 @@ def verify(model_dir: str | Path, *, values: str = "new", allow_pickle: bool = F
     as new), 'all', or 'none' for the NaN/Inf scan."""
     import torch
 
-    from lmexpand.composed import CALM_TYPE
+    from lmexpand.checkpoint.composed import COMPOSED_TENSOR_PREFIXES
 
     model_dir = Path(model_dir)
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
@@ -166,11 +166,12 @@ def verify(model_dir: str | Path, *, values: str = "new", allow_pickle: bool = F
         report.problems += problems
         report.shards_checked = len(shards)
         report.hashes = "match" if not problems else "MISMATCH"
-    if reader.config.get("model_type") == CALM_TYPE:
-        bad = [t.name for t in reader if not t.name.startswith("bridges.")
-               and not t.name.startswith(("anchor.", "augment."))]
-        report.problems += [f"{n}: not a bridge or source tensor of a composed model" for n in bad]
-        report.structure = "composed (CALM): bridges are checked against the config when loaded"
+    kind = reader.config.get("model_type")
+    if kind in COMPOSED_TENSOR_PREFIXES:
+        prefixes = COMPOSED_TENSOR_PREFIXES[kind]
+        bad = [t.name for t in reader if not t.name.startswith(prefixes)]
+        report.problems += [f"{n}: not a tensor of a composed model ({kind}: {', '.join(prefixes)}...)" for n in bad]
+        report.structure = f"composed ({kind}): its tensors are checked against the config when loaded"
     else:
         _check_structure(reader, report)
     if values != "none":

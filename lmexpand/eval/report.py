@@ -50,7 +50,7 @@ def parameter_accounting(model_dir: Path, allow_pickle: bool = False) -> dict[st
 def _load(path: Path):
     import torch
 
-    from lmexpand.composed import load_model, register_if_composed
+    from lmexpand.compose.loading import load_model, register_if_composed
 
     register_if_composed(path)
     return load_model(path, dtype=torch.float32).eval()
@@ -78,7 +78,7 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
 
     names = {"model": "evaluated model", "base": "--base model"}
     from lmexpand.checkpoint.verify import require_structure
-    from lmexpand.composed import is_composed, member_inputs, register_if_composed
+    from lmexpand.compose.loading import is_composed, member_inputs, register_if_composed
 
     inputs = [*((names.get(label, f"--compare {label}"), path) for label, path in rows),
               *(m for _, path in rows for m in member_inputs(path)),
@@ -94,6 +94,12 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
         register_if_composed(path)  # its config type must be known to load its tokenizer
         tokenizers[label] = load_tokenizer(path, what=f"{label} model")
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if cfg.get("plausibility"):
+            raise ConfigError(
+                f"the {label} model {path} is a contrastive-decoding composition: its plausibility mask gives "
+                "probability 0 to every token outside the expert's plausible set, so its perplexity is infinite on "
+                "almost any text. It is a decoding rule: score its generations (`lmexpand generate`), or evaluate the "
+                "expert and amateur themselves.")
         max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")
         if isinstance(max_pos, int) and seq_len > max_pos:
             raise ConfigError(f"--seq-len {seq_len} exceeds the {label} model's max_position_embeddings ({max_pos}) "

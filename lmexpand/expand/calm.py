@@ -4,7 +4,7 @@ new cross-attention bridges; only the bridges train.
 The surgery writes a small directory: the bridges' tensors (``bridges.N.*``, float32), a
 ``lmexpand_calm`` config that embeds both models' configs and the layer pairs, references
 to the two source checkpoints (path + fingerprint, checked when loading), and the
-anchor's tokenizer. The composed model is :mod:`lmexpand.calm_modeling`;
+anchor's tokenizer. The composed model is :mod:`lmexpand.compose.calm_modeling`;
 ``lmexpand export`` turns the directory into a self-contained one (both models' weights,
 bridges, the modeling file via ``auto_map``).
 

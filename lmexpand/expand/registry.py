@@ -61,6 +61,8 @@ class SurgeryMethod:
     summary: str
     help: str
     sources: tuple[str, ...] = ("SOURCE",)
+    # the last source may repeat: at least len(sources) models (logit compositions)
+    variadic: bool = False
 
     def checked_plan(self, readers: Sequence[CheckpointReader], cfg: MethodConfig) -> Plan:
         """The plan, then every source it reads checked against its config (names and
@@ -78,11 +80,12 @@ METHODS: dict[str, SurgeryMethod] = {}
 
 
 def register_method(name: str, *, config: type[MethodConfig], summary: str, help: str,
-                    sources: tuple[str, ...] = ("SOURCE",)) -> Callable[[PlanFunction], PlanFunction]:
+                    sources: tuple[str, ...] = ("SOURCE",),
+                    variadic: bool = False) -> Callable[[PlanFunction], PlanFunction]:
     def decorate(fn: PlanFunction) -> PlanFunction:
         if name in METHODS:
             raise ValueError(f"surgery method {name!r} is registered twice")
-        METHODS[name] = SurgeryMethod(name, config, fn, summary, help, sources)
+        METHODS[name] = SurgeryMethod(name, config, fn, summary, help, sources, variadic)
         return fn
 
     return decorate

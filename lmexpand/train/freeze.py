@@ -58,12 +58,37 @@ def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[
         chosen = _match_globs(params, cfg.trainable, "--trainable")
     if cfg.extra_trainable:
         chosen |= _match_globs(params, cfg.extra_trainable, "--extra-trainable")
+    from lmexpand.checkpoint.composed import is_composed_config, read_config
+
+    config = read_config(model_dir)
+    if is_composed_config(config):
+        _check_composed_trainable(model_dir, config, chosen, cfg)
     if not chosen and cfg.lora is None:
         raise ConfigError(
             f"nothing to train in {model_dir}: the trainable set is empty. Use --trainable all, "
             "globs that match parameter names, or --lora."
         )
     return chosen
+
+
+def _check_composed_trainable(model_dir: Path, config: dict, chosen: set[str], cfg: TrainConfig) -> None:
+    """A composed directory stores only its own tensors (bridges, heads); its members'
+    weights live in their own directories. Training anything else would be lost on save."""
+    from lmexpand.checkpoint.reader import CheckpointReader
+
+    own = {t.name for t in CheckpointReader(model_dir, need_family=False)}
+    kind = config.get("model_type")
+    if not own:
+        raise ConfigError(f"nothing to train in {model_dir}: this {config.get('method') or kind} composition has no "
+                          "trainable parameters (it combines its members' outputs as they are). Train a member "
+                          "instead, then compose again.")
+    outside = sorted(chosen - own)
+    if outside or cfg.lora is not None:
+        what = "--lora" if cfg.lora is not None else f"{len(outside):,} parameters of its members (first: {outside[0]!r})"
+        raise ConfigError(f"{model_dir} is a composed model ({kind}): it stores only its own tensors "
+                          f"({len(own):,}: {sorted(own)[0]}, ...), and {what} would train weights of its members, "
+                          "which live in their own directories. Train the default set (--trainable new), or fine-tune "
+                          "a member on its own and compose again.")
 
 
 def _match_globs(params: dict[str, Any], globs: list[str], flag: str) -> set[str]:

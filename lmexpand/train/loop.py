@@ -78,7 +78,7 @@ def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | No
             bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32,
             llm_int8_skip_modules=skip,
         )
-    from lmexpand.composed import load_model
+    from lmexpand.compose.loading import load_model
 
     return load_model(model_dir, **kwargs)
 
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     from lmexpand.checkpoint.writer import check_output
 
     # the run directory against every input first: `--out MODEL --force` must never delete MODEL
-    from lmexpand.composed import is_composed, member_inputs
+    from lmexpand.compose.loading import is_composed, member_inputs
 
     resume_source = [("--resume-from", resume)] if isinstance(resume, Path) else []
     check_output(cfg.out, inputs=[("--model", model_dir), *member_inputs(model_dir),
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         project_dir=str(cfg.out),
     )
     set_seed(cfg.seed)
-    from lmexpand.composed import register_if_composed
+    from lmexpand.compose.loading import register_if_composed
 
     register_if_composed(model_dir)
     tokenizer = load_tokenizer(model_dir, what="--model")

@@ -1,0 +1,161 @@
+"""`lmexpand generate`: text from any model directory lmexpand can load (stock, expanded,
+MoE, CALM, logit compositions), through transformers' ``generate``.
+
+One prompt streams its continuation as it is produced; several prompts run as one
+left-padded batch. Everything that can be wrong with the inputs (model, tokenizer, chat
+template, lengths, sampling settings) is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lmexpand.errors import ConfigError
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    chat: bool = False
+    system: str | None = None
+    sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def check(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens {self.max_new_tokens}: give 1 or more")
+        if not (self.temperature > 0) or self.temperature == float("inf"):
+            problems.append(f"--temperature {self.temperature}: give a finite number > 0")
+        if not (0 < self.top_p <= 1):
+            problems.append(f"--top-p {self.top_p}: give a number in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"--top-k {self.top_k}: give 0 (off) or more")
+        if not self.sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.top_k):
+            problems.append("--temperature/--top-p/--top-k shape sampling: add --sample (greedy decoding ignores them)")
+        if self.system is not None and not self.chat:
+            problems.append("--system is the chat's system message: add --chat")
+        if problems:
+            raise ConfigError("; ".join(problems) + ".")
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def prepare_prompts(tokenizer: Any, prompts: list[str], settings: GenerationSettings, model_dir: Path) -> list[str]:
+    if not prompts:
+        raise ConfigError("give a prompt: --prompt TEXT (repeat it for a batch).")
+    for p in prompts:
+        if not p.strip():
+            raise ConfigError("--prompt is empty: give some text to continue.")
+    if not settings.chat:
+        return prompts
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{model_dir}: its tokenizer has no chat template, so --chat cannot format the prompt. Drop "
+                          "--chat (plain continuation), or add the template of the model it was made from "
+                          "(tokenizer_config.json `chat_template`, or chat_template.jinja).")
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + \
+            [{"role": "user", "content": p}]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for c in (cfg, cfg.get("anchor") or {}, cfg.get("text_config") or {}):
+        v = c.get("max_position_embeddings")
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, *, allow_pickle: bool = False,
+             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Continuations of ``prompts``; with one prompt and ``on_text``, pieces of text are
+    passed to ``on_text`` as they are produced."""
+    import torch
+
+    from lmexpand.checkpoint.reader import CheckpointReader
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+    from lmexpand.compose.loading import is_composed, load_model, register_if_composed
+
+    settings.check()
+    reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
+    if not is_composed(model_dir):
+        from lmexpand.checkpoint.verify import require_structure
+
+        require_structure(reader)
+    reader.close()
+    register_if_composed(model_dir)
+    tokenizer = load_tokenizer(model_dir, what="MODEL")
+    texts = prepare_prompts(tokenizer, prompts, settings, model_dir)
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        pad = 0
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = pad
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not settings.chat)
+    n_prompt = enc["input_ids"].shape[1]
+    max_pos = _max_positions(model_dir)
+    if max_pos and n_prompt + settings.max_new_tokens > max_pos:
+        raise ConfigError(f"the prompt ({n_prompt} tokens) plus --max-new-tokens {settings.max_new_tokens} exceeds the "
+                          f"model's {max_pos} positions; shorten the prompt or lower --max-new-tokens to "
+                          f"{max(max_pos - n_prompt, 0)}.")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(model_dir, dtype=dtype).to(device).eval()
+    enc = {k: v.to(device) for k, v in enc.items()}
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+                                  do_sample=settings.sample)
+    if settings.sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        torch.manual_seed(settings.seed)
+    else:  # greedy: no sampling settings from the model's generation_config leak in
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if not settings.stop_at_eos:
+        kwargs["eos_token_id"] = None
+    streamer = None
+    if on_text is not None and len(texts) == 1:
+        from transformers import TextStreamer
+
+        class _Callback(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        streamer = _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, streamer=streamer, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[:, n_prompt:]
+    eos = tokenizer.eos_token_id
+    counted = 0
+    for row in new.tolist():  # tokens produced before each row stopped (padding after an EOS not counted)
+        n = len(row)
+        if eos is not None and settings.stop_at_eos and eos in row:
+            n = row.index(eos) + 1
+        counted += n
+    texts_out = [tokenizer.decode(r, skip_special_tokens=True) for r in new]
+    return GenerationResult(texts_out, counted, seconds, [int(m.sum()) for m in enc["attention_mask"].cpu()])
