@@ -627,6 +627,33 @@ CASES: list[Case] = [
     Case("merge-config-not-mapping", "a merge file that is a YAML list",
          lambda c: ["merge", c.file("m-list.yaml", "- merge_method: linear\n"), c.out], ("YAML mapping",)),
 
+    # -- logit compositions and generate --------------------------------------------------
+    Case("logit-sum-one-member", "a logit sum of a single model",
+         lambda c: ["surgery", "logit-sum", c.tiny, c.out], ("at least 2 models",)),
+    Case("logit-sum-other-tokenizer", "members with different tokenizers",
+         lambda c: ["surgery", "logit-sum", c.tiny, c.qwen, c.out], ("vocabularies differ beyond padding",)),
+    Case("logit-sum-weights-count", "a weight count that does not match the models",
+         lambda c: ["surgery", "logit-sum", c.tiny, c.model_copy("ls-b"), c.out, "--weights", "1"],
+         ("1 weights for 2 models",)),
+    Case("logit-sum-weight-nan", "a NaN weight",
+         lambda c: ["surgery", "logit-sum", c.tiny, c.model_copy("ls-b"), c.out, "--weights", "1,nan"],
+         ("--weights",)),
+    Case("proxy-negative-alpha", "proxy-tuning with a negative alpha",
+         lambda c: ["surgery", "proxy-tune", c.tiny, c.model_copy("px-e"), c.model_copy("px-a"), c.out,
+                    "--alpha", "-0.5"], ("--alpha", "greater than or equal to 0")),
+    Case("contrastive-alpha-range", "a plausibility alpha above 1",
+         lambda c: ["surgery", "contrastive", c.tiny, c.model_copy("cd-a"), c.out, "--alpha", "1.5"],
+         ("--alpha", "less than or equal to 1")),
+    Case("contrastive-negative-beta", "contrastive decoding with a negative beta",
+         lambda c: ["surgery", "contrastive", c.tiny, c.model_copy("cd-a"), c.out, "--beta", "-1"], ("--beta",)),
+    Case("generate-no-prompt", "generate without a prompt", lambda c: ["generate", c.tiny], ("give a prompt",)),
+    Case("generate-chat-no-template", "--chat on a tokenizer without a chat template",
+         lambda c: ["generate", c.tiny, "--prompt", "hi", "--chat"], ("no chat template", "Drop --chat")),
+    Case("generate-too-long", "more new tokens than the model has positions",
+         lambda c: ["generate", c.tiny, "--prompt", "hi", "--max-new-tokens", "5000"], ("positions",)),
+    Case("generate-missing-model", "generate from a directory that does not exist",
+         lambda c: ["generate", c.root / "nowhere", "--prompt", "hi"], ("nowhere",)),
+
 ]
 
 
