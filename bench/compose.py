@@ -11,7 +11,9 @@ in its own process under GNU time (peak RSS), fp32 CPU:
             (generate time - prefill time) / (tokens - 1).
   train     `lmexpand train` steps at seq 256, batch 2 (median step after 2 warm-up steps):
             the logit sum's heads only vs full fine-tuning of one member.
-Interleaved, best of --repeat.
+Generation: both models in one process, interleaved, median of --repeat (separate
+processes varied by +-15 % on this machine); peak RSS of each in its own process. Training:
+best of --repeat.
 """
 
 from __future__ import annotations
@@ -35,21 +37,28 @@ import json, sys, time, torch
 sys.path.insert(0, {root!r})
 from lmexpand.compose.loading import load_model, register_if_composed
 from lmexpand.checkpoint.sources import resolve_source
-path = resolve_source({model!r})
-register_if_composed(path)
-m = load_model(path, dtype=torch.float32).eval()
+models = {{}}
+for name in {models!r}:
+    path = resolve_source(name)
+    register_if_composed(path)
+    models[name] = load_model(path, dtype=torch.float32).eval()
 ids = torch.randint(3, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
-def run(n):
+def run(m, n):
     t = time.perf_counter()
     with torch.no_grad():
         m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                    eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None)
     return time.perf_counter() - t
-run(4)  # warm-up
-prefill = min(run(1) for _ in range(3))
-total = run({tokens})
-open({result!r}, "w").write(json.dumps({{"total_s": total, "prefill_s": prefill,
-                                         "step_s": (total - prefill) / ({tokens} - 1)}}))
+res = {{name: {{"total_s": [], "prefill_s": [], "step_s": []}} for name in models}}
+for name, m in models.items():
+    run(m, 4)  # warm-up
+for _ in range({repeat}):  # interleaved: the same machine state for every model
+    for name, m in models.items():
+        prefill, total = run(m, 1), run(m, {tokens})
+        res[name]["prefill_s"].append(prefill)
+        res[name]["total_s"].append(total)
+        res[name]["step_s"].append((total - prefill) / ({tokens} - 1))
+open({result!r}, "w").write(json.dumps(res))
 """
 
 
@@ -61,9 +70,11 @@ def composition() -> Path:
     return out
 
 
-def generate(model: str, tokens: int) -> tuple[dict, float]:
+def generate(models: list[str], tokens: int, repeat: int) -> tuple[dict, float]:
+    """Per-model lists of generate times (one process, interleaved) and that process's peak RSS."""
     result = CACHE / "compose-generate.json"
-    _, rss = measure([PY, "-c", GENERATE.format(root=str(ROOT), model=model, result=str(result), tokens=tokens)])
+    _, rss = measure([PY, "-c", GENERATE.format(root=str(ROOT), models=models, result=str(result), tokens=tokens,
+                                                repeat=repeat)])
     return json.loads(result.read_text()), rss
 
 
@@ -83,26 +94,26 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args()
     comp = str(composition())
-    gen: dict[str, list[tuple[dict, float]]] = {"member": [], "composition": []}
+    timing, _ = generate(["smollm2-135m", comp], args.tokens, args.repeat)  # times: both in one process
+    _, m_rss = generate(["smollm2-135m"], args.tokens, 1)  # peak memory: each alone
+    _, c_rss = generate([comp], args.tokens, 1)
     train: dict[str, list[tuple[float, float]]] = {"heads only (logit sum)": [], "full fine-tuning (one member)": []}
-    for _ in range(args.repeat):
-        gen["member"].append(generate("smollm2-135m", args.tokens))
-        gen["composition"].append(generate(comp, args.tokens))
-        if not args.skip_train:
-            train["heads only (logit sum)"].append(train_step(comp))
-            train["full fine-tuning (one member)"].append(train_step("smollm2-135m", "--trainable", "all"))
-    best = {k: ({f: min(r[f] for r, _ in v) for f in ("total_s", "prefill_s", "step_s")}, min(m for _, m in v))
-            for k, v in gen.items()}
-    (m, m_rss), (c, c_rss) = best["member"], best["composition"]
+    for _ in range(args.repeat if not args.skip_train else 0):
+        train["heads only (logit sum)"].append(train_step(comp))
+        train["full fine-tuning (one member)"].append(train_step("smollm2-135m", "--trainable", "all"))
+    m = {k: statistics.median(v) for k, v in timing["smollm2-135m"].items()}
+    c = {k: statistics.median(v) for k, v in timing[comp].items()}
     print(f"\n== logit sum: SmolLM2-135M + SmolLM2-135M; greedy, 32-token prompt + {args.tokens} new tokens, "
-          f"KV caches, fp32 CPU, best of {args.repeat} ==")
+          f"KV caches, fp32 CPU, median of {args.repeat} interleaved runs ==")
     print(f"  one member           {m['total_s']:6.2f} s  {args.tokens / m['total_s']:6.1f} tok/s  step "
           f"{m['step_s'] * 1e3:6.1f} ms  peak RSS {m_rss:6.0f} MiB")
     print(f"  composition          {c['total_s']:6.2f} s  {args.tokens / c['total_s']:6.1f} tok/s  step "
           f"{c['step_s'] * 1e3:6.1f} ms  peak RSS {c_rss:6.0f} MiB")
     print(f"  members one after the other (2 x member): {2 * m['total_s']:6.2f} s, step {2 * m['step_s'] * 1e3:6.1f} ms")
+    ratios = sorted(cs / (2 * ms) for cs, ms in zip(timing[comp]["step_s"], timing["smollm2-135m"]["step_s"]))
     print(f"  composition overhead: x{c['total_s'] / (2 * m['total_s']):.3f} total, "
-          f"x{c['step_s'] / (2 * m['step_s']):.3f} per step (target <= x1.10); memory x{c_rss / m_rss:.2f} of one member")
+          f"x{c['step_s'] / (2 * m['step_s']):.3f} per step (target <= x1.10; per-run ratios "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}); memory x{c_rss / m_rss:.2f} of one member")
     if not args.skip_train:
         tb = {k: (min(t for t, _ in v), min(r for _, r in v)) for k, v in train.items()}
         for name, (t, r) in tb.items():
