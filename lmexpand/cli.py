@@ -639,10 +639,12 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
 @click.option("--top-k", type=int, default=0, show_default=True, help="With --sample: keep the K likeliest tokens (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --sample: random seed.")
 @click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens even past an end-of-sequence token.")
+@click.option("--threshold", type=float, default=None, help="Co-LLM: deferral threshold for this run (the assistant writes where the gate > it)  [default: the model's]")
+@click.option("--show-deferrals", is_flag=True, help="Co-LLM: mark the tokens the assistant produced as «token».")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompts, texts, tokens, seconds, tokens_per_second} as JSON.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights (weights-only). Only for trusted files.")
 def generate(model: str, prompts, max_new_tokens, chat, system, sample, temperature, top_p, top_k, seed, ignore_eos,
-             as_json, allow_pickle) -> None:
+             threshold, show_deferrals, as_json, allow_pickle) -> None:
     """Generate text from any model lmexpand can load: stock, expanded, MoE, CALM, composed.
 
     MODEL is a model directory, a training run directory (its model/), or an embedded
@@ -660,22 +662,29 @@ def generate(model: str, prompts, max_new_tokens, chat, system, sample, temperat
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, chat=chat, system=system, sample=sample,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                  stop_at_eos=not ignore_eos)
+                                  stop_at_eos=not ignore_eos, threshold=threshold, show_deferrals=show_deferrals)
     settings.check()
     if not prompts:
         raise ConfigError("give a prompt: --prompt TEXT (repeat it for a batch).")
     model_dir = resolve_export_source(model)
-    stream = None if as_json or len(prompts) > 1 else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    stream = None if as_json or len(prompts) > 1 or show_deferrals else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     result = run_generate(model_dir, list(prompts), settings, allow_pickle=allow_pickle, on_text=stream)
     if as_json:
         click.echo(json.dumps({"prompts": list(prompts), "texts": result.texts, "tokens": result.new_tokens,
+                               **({"deferred": result.deferred} if result.deferred is not None else {}),
                                "seconds": round(result.seconds, 3),
                                "tokens_per_second": round(result.tokens_per_second, 2)}, indent=2))
     elif stream is not None:
         click.echo("")
+    elif len(prompts) == 1:
+        click.echo((result.marked or result.texts)[0])
     else:
-        for p, t in zip(prompts, result.texts):
+        for p, t in zip(prompts, result.marked or result.texts):
             click.echo(f"### {p}\n{t}\n")
+    if result.deferred is not None:
+        n = sum(len(r) for r in result.deferred)
+        log.info("deferred %d of %d tokens to the assistant (%.0f %%)", sum(map(sum, result.deferred)), n,
+                 100 * sum(map(sum, result.deferred)) / max(n, 1))
     log.info("%d new tokens in %.2f s: %.1f tokens/s", result.new_tokens, result.seconds, result.tokens_per_second)
 
 

@@ -86,7 +86,6 @@ def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: 
 
 def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval_dir: Path | None = None,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, allow_pickle: bool = False) -> Path:
-    from lmexpand.checkpoint.composed import member_references
     from lmexpand.compose.loading import is_composed
 
     model_dir = resolve_export_source(spec)
@@ -97,7 +96,7 @@ def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval
     results = find_eval_results(model_dir, eval_dir)
     outputs = [unchanged_tensor(reader, t) for t in reader]
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
-    remote_code = is_composed(model_dir) and bool(member_references(config))
+    remote_code = is_composed(model_dir)  # members referenced or already inside: the modeling file ships
     if remote_code:
         more, modeling_file = _composed_sources(model_dir, config, readers)
         outputs += more
@@ -120,21 +119,34 @@ def _composed_sources(model_dir: Path, config: dict[str, Any],
     """A composed directory made self-contained: every member's tensors inside (prefixed
     as the composed model names them), member paths cleared, the modeling file beside
     them (``auto_map``; loading needs trust_remote_code=True)."""
-    from lmexpand.compose.loading import CALM_TYPE, check_members, modeling_module
+    from lmexpand.compose.loading import CALM_TYPE, CO_LLM_TYPE, check_members, modeling_module
 
     check_members(model_dir, config)
     kind = config["model_type"]
     modeling = modeling_module(kind)
+    own = {t.name for t in readers[0]}
+    out: list[OutputTensor] = []
     if kind == CALM_TYPE:
-        anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
-        readers += [anchor, aug]
-        out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
-        out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
-                for t in aug if t.name.startswith("model.")]
+        if config.get("anchor_path"):
+            anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
+            readers += [anchor, aug]
+            out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
+            out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
+                    for t in aug if t.name.startswith("model.")]
         config["anchor_path"] = config["augment_path"] = None
         classes = ("CalmConfig", "CalmForCausalLM")
+    elif kind == CO_LLM_TYPE:
+        for key in ("base", "assistant"):
+            if config.get(f"{key}_path"):  # (a base trained into the directory is already there)
+                out += _embedded_member(f"{key}.", config[f"{key}_path"], own, readers)
+            config[key]["tie_word_embeddings"] = False
+            config[f"{key}_path"] = None
+        classes = ("CoLlmConfig", "CoLlmForCausalLM")
     else:
-        out = _logit_members(config, readers)
+        for i, path in enumerate(config["member_paths"]):
+            if path:
+                out += _embedded_member(f"members.{i}.", path, own, readers)
+            config["members"][i]["tie_word_embeddings"] = False
         config["member_paths"] = [None] * len(config["member_paths"])
         classes = ("LogitCompositionConfig", "LogitCompositionForCausalLM")
     stem = f"modeling_{kind}"
@@ -142,22 +154,17 @@ def _composed_sources(model_dir: Path, config: dict[str, Any],
     return out, SimpleNamespace(name=f"{stem}.py", path=Path(modeling.__file__))
 
 
-def _logit_members(config: dict[str, Any], readers: list[CheckpointReader]) -> list[OutputTensor]:
-    """Each member's tensors under ``members.I.``. Every member's head is written out (a
-    tied member's from its embedding bytes): the exported config unties every member, so
-    nothing depends on how a nested model re-ties its weights when loaded."""
-    own = {t.name for t in readers[0]}
-    out: list[OutputTensor] = []
-    for i, path in enumerate(config["member_paths"]):
-        member = CheckpointReader(path)
-        readers.append(member)
-        prefix = f"members.{i}."
-        fam = member.family
-        for t in member:
-            if prefix + t.name not in own:  # a trained head in the composition replaces the member's
-                out.append(OutputTensor(TensorSlot(prefix + t.name, t.dtype, t.shape), RawCopy(t)))
-        if prefix + fam.lm_head not in own and fam.lm_head not in member:
-            emb = member.info(fam.embed)
-            out.append(OutputTensor(TensorSlot(prefix + fam.lm_head, emb.dtype, emb.shape), RawCopy(emb)))
-        config["members"][i]["tie_word_embeddings"] = False
+def _embedded_member(prefix: str, path: str, own: set[str], readers: list[CheckpointReader]) -> list[OutputTensor]:
+    """A member's tensors under ``prefix``, except those the composition holds itself (a
+    trained head). Its head is always written out (a tied member's from its embedding
+    bytes): the exported config unties every member, so nothing depends on how a nested
+    model re-ties its weights when loaded."""
+    member = CheckpointReader(path)
+    readers.append(member)
+    fam = member.family
+    out = [OutputTensor(TensorSlot(prefix + t.name, t.dtype, t.shape), RawCopy(t)) for t in member
+           if prefix + t.name not in own]
+    if prefix + fam.lm_head not in own and fam.lm_head not in member:
+        emb = member.info(fam.embed)
+        out.append(OutputTensor(TensorSlot(prefix + fam.lm_head, emb.dtype, emb.shape), RawCopy(emb)))
     return out

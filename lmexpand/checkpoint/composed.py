@@ -17,6 +17,7 @@ from typing import Any
 COMPOSED_TENSOR_PREFIXES: dict[str, tuple[str, ...]] = {
     "lmexpand_calm": ("bridges.", "anchor.", "augment."),
     "lmexpand_logits": ("members.",),
+    "lmexpand_co_llm": ("gate.", "base.", "assistant."),
 }
 
 
@@ -37,8 +38,22 @@ def member_references(config: dict[str, Any]) -> list[tuple[str, str]]:
     if kind == "lmexpand_calm":
         return [(role, p) for role, p in (("anchor", config.get("anchor_path")),
                                           ("augmenting model", config.get("augment_path"))) if p]
+    if kind == "lmexpand_co_llm":
+        return [(role, p) for role, p in (("base", config.get("base_path")),
+                                          ("assistant", config.get("assistant_path"))) if p]
     if kind == "lmexpand_logits":
         roles = config.get("roles") or []
         return [(roles[i] if i < len(roles) else f"member {i}", p)
                 for i, p in enumerate(config.get("member_paths") or []) if p]
     return []
+
+
+# composed model_type -> member prefix -> (config key of its path, config key of its config).
+# A member listed here can be embedded: training that changes its weights writes them into
+# the composed directory under the prefix (its path is then cleared).
+EMBEDDABLE_MEMBERS: dict[str, dict[str, tuple[str, str]]] = {
+    "lmexpand_co_llm": {"base.": ("base_path", "base"), "assistant.": ("assistant_path", "assistant")},
+}
+
+# composed model_type -> member prefixes whose weights may train (the rest stay frozen)
+TRAINABLE_MEMBERS: dict[str, tuple[str, ...]] = {"lmexpand_co_llm": ("base.",)}

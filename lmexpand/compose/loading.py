@@ -17,6 +17,7 @@ from lmexpand.errors import CheckpointError, ConfigError
 
 CALM_TYPE = "lmexpand_calm"
 LOGITS_TYPE = "lmexpand_logits"
+CO_LLM_TYPE = "lmexpand_co_llm"
 
 
 def model_type(model_dir: Path) -> str | None:
@@ -39,6 +40,8 @@ def modeling_module(kind: str | None) -> Any:
         import lmexpand.compose.calm_modeling as m
     elif kind == LOGITS_TYPE:
         import lmexpand.compose.logits_modeling as m
+    elif kind == CO_LLM_TYPE:
+        import lmexpand.compose.co_llm_modeling as m
     else:
         return None
     return m
@@ -57,7 +60,7 @@ def load_model(model_dir: Path, **kwargs: Any) -> Any:
         if kwargs.get("quantization_config") is not None:
             raise ConfigError(f"4-bit loading is not supported for composed models ({kind}): load the members in "
                               "4 bits is not implemented; train in bf16 or fp32.")
-        loader = {CALM_TYPE: load_calm, LOGITS_TYPE: load_logit_composition}[kind]
+        loader = {CALM_TYPE: load_calm, LOGITS_TYPE: load_logit_composition, CO_LLM_TYPE: load_co_llm}[kind]
         return loader(Path(model_dir), dtype=kwargs.get("dtype"))
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
@@ -158,3 +161,50 @@ def load_logit_composition(model_dir: Path, dtype: Any = None) -> Any:
     if heads:
         raise CheckpointError(f"{model_dir}: tensors that match no member head: {sorted(heads)[:3]}.")
     return model.float() if dtype == torch.float32 else model
+
+
+def load_co_llm(model_dir: Path, dtype: Any = None) -> Any:
+    """The gate from ``model_dir``, base and assistant from the recorded paths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmexpand.compose.co_llm_modeling import CoLlmConfig, CoLlmForCausalLM
+
+    config = CoLlmConfig.from_pretrained(model_dir)
+    dtype = dtype or torch.float32
+    if not config.base_path and not config.assistant_path:  # self-contained (exported)
+        return CoLlmForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    check_members(model_dir)
+    with torch.device("meta"):
+        model = CoLlmForCausalLM(config)
+    for which in ("base", "assistant"):
+        path = getattr(config, f"{which}_path")
+        if path:
+            setattr(model, which, AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+        else:  # trained into this directory (--trainable gate+base)
+            setattr(model, which, _from_own_tensors(model_dir, f"{which}.", config.member_config(which), dtype))
+    model.gate.to_empty(device="cpu")
+    missing, unexpected = model.gate.load_state_dict(_own_tensors(model_dir, "gate."), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: gate tensors do not match the config (missing {missing}, "
+                              f"unexpected {unexpected[:3]}).")
+    model.gate.float()
+    return model.float() if dtype == torch.float32 else model
+
+
+def _from_own_tensors(model_dir: Path, prefix: str, config: Any, dtype: Any) -> Any:
+    """A member stored inside the composed directory under ``prefix``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():  # every weight is loaded below: skip the random init
+        member = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = member.load_state_dict(_own_tensors(model_dir, prefix), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: the {prefix[:-1]} tensors do not match its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).")
+    return member

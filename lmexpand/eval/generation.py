@@ -27,6 +27,8 @@ class GenerationSettings:
     top_k: int = 0
     seed: int = 0
     stop_at_eos: bool = True
+    threshold: float | None = None  # Co-LLM: deferral threshold for this run
+    show_deferrals: bool = False  # Co-LLM: mark the tokens the assistant produced
 
     def check(self) -> None:
         problems = []
@@ -40,6 +42,8 @@ class GenerationSettings:
             problems.append(f"--top-k {self.top_k}: give 0 (off) or more")
         if not self.sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.top_k):
             problems.append("--temperature/--top-p/--top-k shape sampling: add --sample (greedy decoding ignores them)")
+        if self.threshold is not None and not (0 <= self.threshold <= 1):
+            problems.append(f"--threshold {self.threshold}: give a number in [0, 1]")
         if self.system is not None and not self.chat:
             problems.append("--system is the chat's system message: add --chat")
         if problems:
@@ -52,6 +56,8 @@ class GenerationResult:
     new_tokens: int
     seconds: float
     prompt_tokens: list[int] = field(default_factory=list)
+    deferred: list[list[bool]] | None = None  # Co-LLM: per row, per new token
+    marked: list[str] | None = None  # Co-LLM with show_deferrals: texts with «deferred» tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -105,7 +111,11 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         from lmexpand.checkpoint.verify import require_structure
 
         require_structure(reader)
+    kind = reader.config.get("model_type")
     reader.close()
+    if (settings.threshold is not None or settings.show_deferrals) and kind != "lmexpand_co_llm":
+        raise ConfigError(f"--threshold and --show-deferrals are only for Co-LLM models (`lmexpand surgery co-llm`); "
+                          f"{model_dir} is a {kind} model. Drop them.")
     register_if_composed(model_dir)
     tokenizer = load_tokenizer(model_dir, what="MODEL")
     texts = prepare_prompts(tokenizer, prompts, settings, model_dir)
@@ -126,6 +136,8 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_dir, dtype=dtype).to(device).eval()
+    if settings.threshold is not None:
+        model.threshold = settings.threshold
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
                                   do_sample=settings.sample)
@@ -137,7 +149,7 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
     if not settings.stop_at_eos:
         kwargs["eos_token_id"] = None
     streamer = None
-    if on_text is not None and len(texts) == 1:
+    if on_text is not None and len(texts) == 1 and not settings.show_deferrals:
         from transformers import TextStreamer
 
         class _Callback(TextStreamer):
@@ -158,4 +170,13 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
             n = row.index(eos) + 1
         counted += n
     texts_out = [tokenizer.decode(r, skip_special_tokens=True) for r in new]
-    return GenerationResult(texts_out, counted, seconds, [int(m.sum()) for m in enc["attention_mask"].cpu()])
+    result = GenerationResult(texts_out, counted, seconds, [int(m.sum()) for m in enc["attention_mask"].cpu()])
+    if kind == "lmexpand_co_llm" and model.deferrals:
+        steps = torch.stack(model.deferrals[:new.shape[1]], dim=1).tolist()  # [B, new tokens]
+        result.deferred = steps
+        if settings.show_deferrals:
+            result.marked = []
+            for row, flags in zip(new.tolist(), steps):
+                pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in row]
+                result.marked.append("".join(f"«{p}»" if d and p else p for p, d in zip(pieces, flags)))
+    return result

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader, torch_dtype_name
 from lmexpand.checkpoint.safetensors_format import TensorSlot
-from lmexpand.checkpoint.writer import Computed, OutputTensor, unchanged_tensor, write_checkpoint
+from lmexpand.checkpoint.writer import Computed, OutputTensor, RawCopy, unchanged_tensor, write_checkpoint
 from lmexpand.train.config import TrainConfig
 
 
@@ -76,6 +76,12 @@ def write_trained_model(reader: CheckpointReader, model: Any, cfg: TrainConfig, 
     lineage["training"] = runs
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
     files["config.json"] = reader.path / "config.json"
+    embedded, config, member_readers = _embed_trained_members(reader, model)
+    if embedded:
+        outputs += embedded
+        files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        runs[-1]["changed_tensors"] = sorted(set(runs[-1]["changed_tensors"]) | {
+            o.slot.name for o in embedded if isinstance(o.producer, Computed)})
     files[LINEAGE_FILE] = (json.dumps(lineage, indent=2) + "\n").encode()
     if hasattr(model, "peft_config"):
         import tempfile
@@ -84,5 +90,46 @@ def write_trained_model(reader: CheckpointReader, model: Any, cfg: TrainConfig, 
             model.save_pretrained(d)
             for p in Path(d).iterdir():
                 files[f"lora_{p.name}"] = p.read_bytes()
-    return write_checkpoint(out, outputs, files=files, force=True, sources=[reader.path],
-                            description="writing trained model")
+    try:
+        return write_checkpoint(out, outputs, files=files, force=True,
+                                sources=[reader.path, *(r.path for r in member_readers)],
+                                description="writing trained model")
+    finally:
+        for r in member_readers:
+            r.close()
+
+
+def _embed_trained_members(reader: CheckpointReader, model: Any) -> tuple[list[OutputTensor], dict, list]:
+    """A composed model whose training changed a member's weights (Co-LLM with
+    ``--trainable gate+base``): that member's tensors go into the trained directory under
+    its prefix -- trained ones from memory, the rest raw-copied from the member's files --
+    and its path is cleared (the member is now part of the composition)."""
+    import torch
+
+    from lmexpand.checkpoint.composed import EMBEDDABLE_MEMBERS, read_config
+
+    config = read_config(reader.path)
+    members = EMBEDDABLE_MEMBERS.get(config.get("model_type"), {})
+    params = dict(model.named_parameters())
+    outputs: list[OutputTensor] = []
+    readers: list[CheckpointReader] = []
+    for prefix, (path_key, config_key) in members.items():
+        if not config.get(path_key) or not any(n.startswith(prefix) and p.requires_grad for n, p in params.items()):
+            continue
+        member = CheckpointReader(config[path_key])
+        readers.append(member)
+        module = model.get_submodule(prefix[:-1])
+        state = {n: p for n, p in module.named_parameters(remove_duplicate=False)}
+        fam = member.family
+        names = [t.name for t in member] + ([fam.lm_head] if fam.lm_head not in member else [])
+        for name in names:
+            info = member.info(name if name in member else fam.embed)
+            p = state.get(name)
+            if p is not None and p.requires_grad:
+                outputs.append(OutputTensor(TensorSlot(prefix + name, info.dtype, info.shape), Computed(
+                    lambda p=p, dt=info.dtype: p.detach().to("cpu", getattr(torch, torch_dtype_name(dt))).contiguous())))
+            else:
+                outputs.append(OutputTensor(TensorSlot(prefix + name, info.dtype, info.shape), RawCopy(info)))
+        config[path_key] = None
+        config[config_key] = {**config[config_key], "tie_word_embeddings": False}
+    return outputs, config, readers

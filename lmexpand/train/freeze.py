@@ -35,6 +35,8 @@ def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[
         chosen = set(params)
     elif cfg.trainable == "none":
         chosen = set()
+    elif _named_set(model, cfg.trainable) is not None:  # a composed model's own names (Co-LLM: gate, gate+base)
+        chosen = _named_set(model, cfg.trainable)
     elif cfg.trainable == "new":
         lineage = read_lineage(model_dir)
         if lineage is None:
@@ -71,6 +73,13 @@ def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[
     return chosen
 
 
+def _named_set(model: nn.Module, trainable: Any) -> set[str] | None:
+    sets = getattr(model, "trainable_sets", lambda: {})()
+    if isinstance(trainable, list) and len(trainable) == 1 and trainable[0] in sets:
+        return set(sets[trainable[0]])
+    return None
+
+
 def _check_composed_trainable(model_dir: Path, config: dict, chosen: set[str], cfg: TrainConfig) -> None:
     """A composed directory stores only its own tensors (bridges, heads); its members'
     weights live in their own directories. Training anything else would be lost on save."""
@@ -82,13 +91,17 @@ def _check_composed_trainable(model_dir: Path, config: dict, chosen: set[str], c
         raise ConfigError(f"nothing to train in {model_dir}: this {config.get('method') or kind} composition has no "
                           "trainable parameters (it combines its members' outputs as they are). Train a member "
                           "instead, then compose again.")
-    outside = sorted(chosen - own)
+    from lmexpand.checkpoint.composed import TRAINABLE_MEMBERS
+
+    members_ok = TRAINABLE_MEMBERS.get(kind, ())
+    outside = sorted(n for n in chosen - own if not n.startswith(members_ok))
     if outside or cfg.lora is not None:
         what = "--lora" if cfg.lora is not None else f"{len(outside):,} parameters of its members (first: {outside[0]!r})"
         raise ConfigError(f"{model_dir} is a composed model ({kind}): it stores only its own tensors "
                           f"({len(own):,}: {sorted(own)[0]}, ...), and {what} would train weights of its members, "
-                          "which live in their own directories. Train the default set (--trainable new), or fine-tune "
-                          "a member on its own and compose again.")
+                          "which live in their own directories. Train the default set (--trainable new)"
+                          + (f" or {', '.join(p + '*' for p in members_ok)}" if members_ok else "")
+                          + ", or fine-tune a member on its own and compose again.")
 
 
 def _match_globs(params: dict[str, Any], globs: list[str], flag: str) -> set[str]:

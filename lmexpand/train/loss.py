@@ -92,14 +92,18 @@ class CausalLMLoss(nn.Module):
         from lmexpand.train.data import split_targets
 
         input_ids, targets = split_targets(input_ids)  # prompt tokens (loss_from) are context only
-        decoder = self.model.get_decoder()
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state
         labels = input_ids[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
         if targets is not None:
             labels = labels.masked_fill(~targets[:, 1:], IGNORE_INDEX)
+        own_loss = getattr(self.model, "lmexpand_loss", None)
+        if own_loss is not None:  # a composed model whose loss is not one head's cross-entropy (Co-LLM)
+            loss = own_loss(input_ids, attention_mask, labels)
+            return loss, torch.zeros((), device=loss.device)
+        decoder = self.model.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
         loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk)
