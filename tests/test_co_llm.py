@@ -223,3 +223,46 @@ def test_gate_and_base_training_embeds_the_trained_base(pair, gsm8k_small, tmp_p
                  "--out", str(tmp_path / "run2")])
     err = capsys.readouterr().err
     assert code == 2 and "assistant." in err and "base.*" in err, err  # the assistant never trains
+
+
+def test_weak_supervision_gate_init(pair, gsm8k_small, tmp_path, capsys):
+    """--co-llm-init-steps: the gate alone learns the pseudo-labels first (weighted BCE
+    goes down), then the marginal training runs; on another model the option is refused."""
+    assert co_llm(capsys, *pair, tmp_path / "co")[0] == 0
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(tmp_path / "co"), "--co-llm-init-steps", "8", "--data", str(gsm8k_small),
+                 "--template", "Question: {question}\nAnswer: {answer}", "--seq-len", "48", "--batch-size", "4",
+                 "--max-steps", "2", "--warmup-steps", "0", "--lr", "1e-2", "--out", str(run), "--val-every", "0"])
+    assert code == 0, capsys.readouterr().err
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    bce = [r["gate_init_bce"] for r in rec if "gate_init_bce" in r]
+    assert len(bce) == 8 and bce[-1] < bce[0] and 0 < rec[0]["gate_init_positive"] < 1
+    assert [r["step"] for r in rec if "loss" in r] == [1, 2]
+    code = main(["train", "--model", str(pair[0]), "--trainable", "all", "--co-llm-init-steps", "2", "--data",
+                 str(gsm8k_small), "--template", "Q: {question} A: {answer}", "--max-steps", "1",
+                 "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "initialises a Co-LLM gate" in err and not (tmp_path / "r2").exists()
+
+
+def test_eval_reports_thresholds_and_deferral_by_class(pair, tmp_path, capsys):
+    from tests.conftest import GSM8K_TEST
+
+    assert co_llm(capsys, *pair, tmp_path / "co")[0] == 0
+    model = with_random_gate(tmp_path / "co")
+    from safetensors.torch import save_file
+
+    save_file({"gate.weight": model.gate.weight.detach().contiguous()}, tmp_path / "co" / "model.safetensors")
+    code = main(["eval", str(tmp_path / "co"), "--data", f"gsm8k={GSM8K_TEST}", "--template",
+                 "Question: {question}\nAnswer: {answer}", "--max-tokens", "512", "--seq-len", "64", "--no-samples",
+                 "--out", str(tmp_path / "e")])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    t = res["co_llm"]["gsm8k"]
+    rates = [r["deferral_rate"] for r in t["thresholds"]]
+    assert rates[0] == 0.0 and all(abs(r - x / 10) < 0.02 for r, x in zip(rates, range(10)))
+    assert t["thresholds"][0]["switch_ppl"] == pytest.approx(t["base_ppl"], rel=1e-6)
+    assert abs(res["perplexity"]["model"]["gsm8k"]["ppl"] - t["marginal_ppl"]) / t["marginal_ppl"] < 1e-3
+    assert {"digits", "words"} <= set(t["by_class"]["best"])
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "Co-LLM: deferral and thresholds" in report and (tmp_path / "e" / "co_llm.png").is_file()

@@ -156,6 +156,22 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         nll = -torch.logaddexp(nn.functional.logsigmoid(-s) + lp_b, nn.functional.logsigmoid(s) + lp_a)
         return (nll * valid).sum() / valid.sum().clamp(min=1)
 
+    def lmexpand_init_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor, pos_weight: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weak supervision of the gate (official code): pseudo-label 1 where the assistant's
+        argmax is the target and the base's is not; BCE with positive weight 8 on the gate's
+        logit, the backbones frozen. Returns (loss, share of positive labels)."""
+        with torch.no_grad():
+            h = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            z_b = self.base.get_output_embeddings()(h)[..., :self.config.vocab_size]
+            z_a = self._assistant(input_ids, attention_mask, None, None)
+        s = self.gate(h[:, :-1].detach().to(self.gate.weight.dtype)).squeeze(-1).float()
+        valid = labels != -100
+        pseudo = (z_a[:, :-1].argmax(-1) == labels) & (z_b[:, :-1].argmax(-1) != labels)
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            s[valid], pseudo[valid].float(), pos_weight=torch.tensor(pos_weight, device=s.device))
+        return loss, pseudo[valid].float().mean()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0, cache: Any = None, switch: bool = False,

@@ -152,6 +152,15 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
             results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
             log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
                      results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
+        if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":
+            from lmexpand.eval.co_llm import deferral_table
+
+            results["co_llm"] = {ts.name: deferral_table(model, tok, token_stream(ts, tok, max_tokens), seq_len)
+                                 for ts in text_sets}
+            best = results["co_llm"][text_sets[0].name]["best"]
+            log.info("co-llm: best threshold on %s %.4f (%.1f %% deferred, hard-switch ppl %.3f): use it with "
+                     "`lmexpand generate --threshold %.4f`", text_sets[0].name, best["threshold"],
+                     100 * best["deferral_rate"], best["switch_ppl"], best["threshold"])
         if label not in ("base", "model"):
             del loaded[label]
     if "base" in loaded:
@@ -182,6 +191,11 @@ def write_report(results: dict[str, Any], out: Path, metrics_path: Path | None) 
     if results.get("moe"):
         _plot_expert_load(results["moe"], out / "expert_load.png")
         plots.append("expert_load.png")
+    if results.get("co_llm"):
+        from lmexpand.eval.co_llm import plot
+
+        plot(results["co_llm"], out / "co_llm.png")
+        plots.append("co_llm.png")
     results["plots"] = plots
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(results))
@@ -221,6 +235,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"{m['routers']} routers, {m['experts']} experts, top-{m['top_k']}: expert load ranges from "
                   f"{m['min_load']:.4f} to {m['max_load']:.4f} (balanced: {m['balanced_load']:.4f}) "
                   f"on the first 2,048 tokens of the first text set; per layer in results.json."]
+    if r.get("co_llm"):
+        from lmexpand.eval.co_llm import render
+
+        lines += render(r["co_llm"])
     for plot in r.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     if r.get("samples"):

@@ -90,6 +90,10 @@ class TrainConfig(_Strict):
     )
     loss_chunk: int = Field(256, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
     tensorboard: bool = True
+    co_llm_init_steps: int = Field(
+        0, ge=0, description="Co-LLM models: steps of weak-supervision gate initialisation before training (the "
+        "gate alone, weighted BCE on pseudo-labels: 1 where the assistant's argmax is the target and the base's is not)",
+    )
     moe_balance_coef: float = Field(0.01, ge=0, description="MoE models: weight of the expert load-balancing loss")
     moe_z_coef: float = Field(0.001, ge=0, description="MoE models: weight of the router z-loss")
     moe_router_lr_scale: float = Field(

@@ -83,6 +83,34 @@ def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | No
     return load_model(model_dir, **kwargs)
 
 
+def _co_llm_gate_init(cfg: TrainConfig, accelerator, loss_model, data, metrics) -> None:
+    """Co-LLM's weak-supervision initialisation of the gate (before the main loop, fresh
+    optimizer over the gate alone, the first training blocks in order)."""
+    import numpy as np
+    import torch
+
+    wrapper = accelerator.unwrap_model(loss_model)
+    model = wrapper.model
+    gate = model.gate.weight
+    opt = torch.optim.AdamW([gate], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    blocks = data.train_block_iter(0)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for step in range(1, cfg.co_llm_init_steps + 1):
+        rows = [next(blocks) for _ in range(cfg.batch_size * world)][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        ids, labels = wrapper.inputs_and_labels(torch.as_tensor(np.stack(rows)).to(accelerator.device))
+        loss, positive = model.lmexpand_init_loss(ids, None, labels)
+        loss.backward()
+        gate.grad = accelerator.reduce(gate.grad, reduction="mean")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if accelerator.is_main_process:
+            log.info("co-llm gate init %d/%d: weighted BCE %.4f, pseudo-labels positive %.1f %%", step,
+                     cfg.co_llm_init_steps, loss.item(), 100 * positive.item())
+            if metrics is not None:
+                metrics.write(json.dumps({"gate_init_step": step, "gate_init_bce": loss.item(),
+                                          "gate_init_positive": positive.item()}) + "\n")
+
+
 def _param_groups(cfg: TrainConfig, trained: dict, monitor) -> list[dict]:
     """One group, or two for MoE models: routers at lr x moe_router_lr_scale."""
     if not monitor:
@@ -141,6 +169,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         from lmexpand.checkpoint.verify import require_structure
 
         require_structure(reader)
+    if cfg.co_llm_init_steps and reader.config.get("model_type") != "lmexpand_co_llm":
+        raise ConfigError(f"--co-llm-init-steps initialises a Co-LLM gate; {model_dir} is a "
+                          f"{reader.config.get('model_type')} model. Drop the option, or make a Co-LLM model first "
+                          "(`lmexpand surgery co-llm BASE ASSISTANT OUT`).")
     max_pos = reader.config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}). "
@@ -241,6 +273,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                 total += loss.double() * len(ids)
         loss_model.train()
         return (accelerator.reduce(total, reduction="sum") / n).item()
+
+    if cfg.co_llm_init_steps and state.step == 0:
+        _co_llm_gate_init(cfg, accelerator, loss_model, data, metrics)
 
     # ---- the loop ----------------------------------------------------------------------
     loss_model.train()

@@ -88,7 +88,9 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk = chunk
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    @staticmethod
+    def inputs_and_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Token ids and the shifted targets (IGNORE_INDEX where padding or prompt)."""
         from lmexpand.train.data import split_targets
 
         input_ids, targets = split_targets(input_ids)  # prompt tokens (loss_from) are context only
@@ -97,6 +99,10 @@ class CausalLMLoss(nn.Module):
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
         if targets is not None:
             labels = labels.masked_fill(~targets[:, 1:], IGNORE_INDEX)
+        return input_ids, labels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        input_ids, labels = self.inputs_and_labels(input_ids, attention_mask)
         own_loss = getattr(self.model, "lmexpand_loss", None)
         if own_loss is not None:  # a composed model whose loss is not one head's cross-entropy (Co-LLM)
             loss = own_loss(input_ids, attention_mask, labels)

@@ -1,0 +1,137 @@
+"""Threshold choice for Co-LLM models (Shen et al. 2024 §3.3, official code): thresholds at
+the quantiles of the gate that give deferral rates 0 %, 10 %, ..., 90 % on a set, and for
+each the perplexity of the hard-switch model (the assistant's distribution where
+``g > η``, the base's elsewhere) beside the marginal's; the best is the lowest hard-switch
+perplexity on the first set. Deferrals are broken down by token class at the model's own
+threshold and at the best one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+RATES = [i / 10 for i in range(10)]
+_OPERATOR = re.compile(r"^[\s]*[-+*/=<>%^×÷()]+[\s]*$")
+
+
+def token_class(piece: str) -> str:
+    if any(c.isdigit() for c in piece):
+        return "digits"
+    if _OPERATOR.match(piece):
+        return "operators"
+    if any(c.isalpha() for c in piece):
+        return "words"
+    return "space/punctuation"
+
+
+def gate_and_target_log_probs(model: Any, ids: list[int], seq_len: int, batch_size: int = 4):
+    """Per target token (disjoint windows of seq_len): the gate g, log p_base(y),
+    log p_assistant(y), and y."""
+    import torch
+
+    gates, lp_b, lp_a, ys = [], [], [], []
+    windows = [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    windows = [w for w in windows if len(w) >= 2]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            width = max(len(w) for w in group) - 1
+            inp = torch.zeros((len(group), width), dtype=torch.long)
+            mask = torch.zeros_like(inp)
+            for r, w in enumerate(group):
+                inp[r, :len(w) - 1] = torch.tensor(w[:-1])
+                mask[r, :len(w) - 1] = 1
+            z_b, s = model._base(inp, mask, None, None)
+            z_a = model._assistant(inp, mask, None, None)
+            for r, w in enumerate(group):
+                n = len(w) - 1
+                y = torch.tensor(w[1:])
+                gates.append(torch.sigmoid(s[r, :n]))
+                lp_b.append(torch.log_softmax(z_b[r, :n].float(), -1).gather(-1, y[:, None]).squeeze(-1))
+                lp_a.append(torch.log_softmax(z_a[r, :n].float(), -1).gather(-1, y[:, None]).squeeze(-1))
+                ys.append(y)
+    return torch.cat(gates), torch.cat(lp_b), torch.cat(lp_a), torch.cat(ys)
+
+
+def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int) -> dict[str, Any]:
+    import torch
+
+    g, lp_b, lp_a, y = gate_and_target_log_probs(model, ids, seq_len)
+    marginal = -torch.logaddexp(torch.log1p(-g.clamp(max=1 - 1e-7)) + lp_b, torch.log(g.clamp(min=1e-30)) + lp_a)
+    rows = []
+    for rate in RATES:
+        eta = 1.0 if rate == 0 else float(torch.quantile(g.double(), 1 - rate))
+        defer = g > eta
+        nll = torch.where(defer, -lp_a, -lp_b)
+        rows.append({"target_rate": rate, "threshold": eta, "deferral_rate": defer.float().mean().item(),
+                     "switch_ppl": math.exp(nll.mean().item())})
+    own = float(model.config.threshold)
+    classes = [token_class(tokenizer.decode([t])) for t in y.tolist()]
+
+    def by_class(eta: float) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        defer = (g > eta).tolist()
+        for c in sorted(set(classes)):
+            idx = [i for i, k in enumerate(classes) if k == c]
+            out[c] = {"tokens": len(idx), "deferral_rate": sum(defer[i] for i in idx) / len(idx)}
+        return out
+
+    best = min(rows, key=lambda r: r["switch_ppl"])
+    own_defer = g > own
+    return {
+        "tokens": int(len(y)),
+        "marginal_ppl": math.exp(marginal.mean().item()),
+        "base_ppl": math.exp(-lp_b.mean().item()),
+        "assistant_ppl": math.exp(-lp_a.mean().item()),
+        "model_threshold": own,
+        "model_threshold_deferral_rate": own_defer.float().mean().item(),
+        "model_threshold_switch_ppl": math.exp(torch.where(own_defer, -lp_a, -lp_b).mean().item()),
+        "thresholds": rows,
+        "best": best,
+        "by_class": {"model_threshold": by_class(own), "best": by_class(best["threshold"])},
+    }
+
+
+def render(co: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["", "## Co-LLM: deferral and thresholds", "",
+             "Per set: the marginal's perplexity, the hard switch (the assistant's distribution where the gate "
+             "g > η) at the model's threshold, and at thresholds at the gate's quantiles (target deferral rates "
+             "0 %, 10 %, ..., 90 %). Disjoint windows; the best threshold is the lowest hard-switch perplexity on "
+             "the first set (use it with `lmexpand generate --threshold`).", ""]
+    for name, t in co.items():
+        lines += [f"### {name} ({t['tokens']:,} tokens)", "",
+                  f"base alone {t['base_ppl']:.4f}, assistant alone {t['assistant_ppl']:.4f}, marginal "
+                  f"{t['marginal_ppl']:.4f}; at the model's threshold {t['model_threshold']:g}: "
+                  f"{100 * t['model_threshold_deferral_rate']:.1f} % deferred, hard switch "
+                  f"{t['model_threshold_switch_ppl']:.4f}.", "",
+                  "| target rate | threshold | deferred | hard-switch ppl |", "|---|---|---|---|"]
+        for r in t["thresholds"]:
+            lines.append(f"| {100 * r['target_rate']:.0f} % | {r['threshold']:.4f} | {100 * r['deferral_rate']:.1f} % "
+                         f"| {r['switch_ppl']:.4f} |")
+        lines += ["", "Deferral by token class (model's threshold / best threshold): " + ", ".join(
+            f"{c} {100 * v['deferral_rate']:.1f} % / {100 * t['by_class']['best'][c]['deferral_rate']:.1f} % "
+            f"({v['tokens']:,} tokens)" for c, v in t["by_class"]["model_threshold"].items()), ""]
+    return lines
+
+
+def plot(co: dict[str, dict[str, Any]], png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, t in co.items():
+        xs = [100 * r["deferral_rate"] for r in t["thresholds"]]
+        ax.plot(xs, [r["switch_ppl"] for r in t["thresholds"]], marker="o", label=f"{name}: hard switch")
+        ax.axhline(t["marginal_ppl"], linestyle=":", color=ax.lines[-1].get_color(), label=f"{name}: marginal")
+    ax.set_xlabel("tokens deferred to the assistant (%)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Co-LLM: perplexity vs deferral rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
