@@ -84,7 +84,8 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         self.assistant = AutoModelForCausalLM.from_config(config.member_config("assistant"))
         self.gate = nn.Linear(config.base["hidden_size"], 1, bias=False)
         self.threshold = config.threshold  # generate-time override: set model.threshold
-        self.deferrals: list[torch.Tensor] = []
+        self.deferrals: list[torch.Tensor] = []  # per generated step: which rows deferred
+        self.gate_values: list[torch.Tensor] = []  # per generated step: each row's g
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -107,7 +108,7 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         return CoLlmCache(self.config.member_config("base"), self.config.member_config("assistant"))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        self.deferrals = []
+        self.deferrals, self.gate_values = [], []
         if model_kwargs.get(CACHE_KW) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_KW] = self.new_cache()
 
@@ -199,6 +200,7 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         z_b, s = z_b[:, -1:], s[:, -1:]
         defer = torch.sigmoid(s) > self.threshold  # [B, 1]
         self.deferrals.append(defer[:, 0].detach().cpu())
+        self.gate_values.append(torch.sigmoid(s[:, 0]).detach().cpu())
         if cache is None:  # no cache: the assistant reads the whole sequence when needed
             if not bool(defer.any()):
                 return z_b.float()

@@ -56,7 +56,9 @@ def gate_and_target_log_probs(model: Any, ids: list[int], seq_len: int, batch_si
     return torch.cat(gates), torch.cat(lp_b), torch.cat(lp_a), torch.cat(ys)
 
 
-def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int) -> dict[str, Any]:
+def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int, at: float | None = None) -> dict[str, Any]:
+    """The table for one set; ``at_chosen``: the hard switch at threshold ``at`` (the best of
+    the first set, for the others), or at this set's own best."""
     import torch
 
     g, lp_b, lp_a, y = gate_and_target_log_probs(model, ids, seq_len)
@@ -80,6 +82,8 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int) -> 
         return out
 
     best = min(rows, key=lambda r: r["switch_ppl"])
+    chosen = best["threshold"] if at is None else at
+    chosen_defer = g > chosen
     own_defer = g > own
     return {
         "tokens": int(len(y)),
@@ -91,6 +95,8 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int) -> 
         "model_threshold_switch_ppl": math.exp(torch.where(own_defer, -lp_a, -lp_b).mean().item()),
         "thresholds": rows,
         "best": best,
+        "at_chosen": {"threshold": chosen, "deferral_rate": chosen_defer.float().mean().item(),
+                      "switch_ppl": math.exp(torch.where(chosen_defer, -lp_a, -lp_b).mean().item())},
         "by_class": {"model_threshold": by_class(own), "best": by_class(best["threshold"])},
     }
 
@@ -111,6 +117,9 @@ def render(co: dict[str, dict[str, Any]]) -> list[str]:
         for r in t["thresholds"]:
             lines.append(f"| {100 * r['target_rate']:.0f} % | {r['threshold']:.4f} | {100 * r['deferral_rate']:.1f} % "
                          f"| {r['switch_ppl']:.4f} |")
+        c = t["at_chosen"]
+        lines += ["", f"At the chosen threshold {c['threshold']:.4f} (the first set's best): "
+                  f"{100 * c['deferral_rate']:.1f} % deferred, hard switch {c['switch_ppl']:.4f}."]
         lines += ["", "Deferral by token class (model's threshold / best threshold): " + ", ".join(
             f"{c} {100 * v['deferral_rate']:.1f} % / {100 * t['by_class']['best'][c]['deferral_rate']:.1f} % "
             f"({v['tokens']:,} tokens)" for c, v in t["by_class"]["model_threshold"].items()), ""]

@@ -155,9 +155,11 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":
             from lmexpand.eval.co_llm import deferral_table
 
-            results["co_llm"] = {ts.name: deferral_table(model, tok, token_stream(ts, tok, max_tokens), seq_len)
-                                 for ts in text_sets}
-            best = results["co_llm"][text_sets[0].name]["best"]
+            first = deferral_table(model, tok, token_stream(text_sets[0], tok, max_tokens), seq_len)
+            best = first["best"]
+            results["co_llm"] = {text_sets[0].name: first, **{
+                ts.name: deferral_table(model, tok, token_stream(ts, tok, max_tokens), seq_len, at=best["threshold"])
+                for ts in text_sets[1:]}}
             log.info("co-llm: best threshold on %s %.4f (%.1f %% deferred, hard-switch ppl %.3f): use it with "
                      "`lmexpand generate --threshold %.4f`", text_sets[0].name, best["threshold"],
                      100 * best["deferral_rate"], best["switch_ppl"], best["threshold"])
