@@ -119,7 +119,7 @@ def _composed_sources(model_dir: Path, config: dict[str, Any],
     """A composed directory made self-contained: every member's tensors inside (prefixed
     as the composed model names them), member paths cleared, the modeling file beside
     them (``auto_map``; loading needs trust_remote_code=True)."""
-    from lmexpand.compose.loading import CALM_TYPE, CO_LLM_TYPE, check_members, modeling_module
+    from lmexpand.compose.loading import CALM_TYPE, CO_LLM_TYPE, DEEP_FUSION_TYPE, check_members, modeling_module
 
     check_members(model_dir, config)
     kind = config["model_type"]
@@ -142,6 +142,12 @@ def _composed_sources(model_dir: Path, config: dict[str, Any],
             config[key]["tie_word_embeddings"] = False
             config[f"{key}_path"] = None
         classes = ("CoLlmConfig", "CoLlmForCausalLM")
+    elif kind == DEEP_FUSION_TYPE:
+        if config.get("source_path"):
+            out += _embedded_member("source.", config["source_path"], own, readers)
+        config["source"]["tie_word_embeddings"] = False
+        config["source_path"] = None
+        classes = ("DeepFusionConfig", "DeepFusionForCausalLM")
     else:
         for i, path in enumerate(config["member_paths"]):
             if path:

@@ -18,6 +18,7 @@ COMPOSED_TENSOR_PREFIXES: dict[str, tuple[str, ...]] = {
     "lmexpand_calm": ("bridges.", "anchor.", "augment."),
     "lmexpand_logits": ("members.",),
     "lmexpand_co_llm": ("gate.", "base.", "assistant."),
+    "lmexpand_deep_fusion": ("experts.", "source."),
 }
 
 
@@ -38,6 +39,8 @@ def member_references(config: dict[str, Any]) -> list[tuple[str, str]]:
     if kind == "lmexpand_calm":
         return [(role, p) for role, p in (("anchor", config.get("anchor_path")),
                                           ("augmenting model", config.get("augment_path"))) if p]
+    if kind == "lmexpand_deep_fusion":
+        return [("source", config["source_path"])] if config.get("source_path") else []
     if kind == "lmexpand_co_llm":
         return [(role, p) for role, p in (("base", config.get("base_path")),
                                           ("assistant", config.get("assistant_path"))) if p]

@@ -129,6 +129,13 @@ def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Fami
             return family
     supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
     archs = config.get("architectures") or []
+    from lmexpand.checkpoint.composed import is_composed_config
+
+    if is_composed_config(config):
+        raise UnsupportedArchitectureError(
+            f"{where}: this is a composed model ({model_type}: several models run together, made by an lmexpand "
+            f"surgery); this step needs a plain causal LM ({supported}). Use one of its members, or export it and "
+            "load it with trust_remote_code=True.")
     moe_keys = [k for k in MOE_CONFIG_KEYS if config.get(k)]
     if moe_keys:
         raise UnsupportedArchitectureError(

@@ -18,6 +18,7 @@ from lmexpand.errors import CheckpointError, ConfigError
 CALM_TYPE = "lmexpand_calm"
 LOGITS_TYPE = "lmexpand_logits"
 CO_LLM_TYPE = "lmexpand_co_llm"
+DEEP_FUSION_TYPE = "lmexpand_deep_fusion"
 
 
 def model_type(model_dir: Path) -> str | None:
@@ -42,6 +43,8 @@ def modeling_module(kind: str | None) -> Any:
         import lmexpand.compose.logits_modeling as m
     elif kind == CO_LLM_TYPE:
         import lmexpand.compose.co_llm_modeling as m
+    elif kind == DEEP_FUSION_TYPE:
+        import lmexpand.compose.deep_fusion_modeling as m
     else:
         return None
     return m
@@ -60,7 +63,8 @@ def load_model(model_dir: Path, **kwargs: Any) -> Any:
         if kwargs.get("quantization_config") is not None:
             raise ConfigError(f"4-bit loading is not supported for composed models ({kind}): load the members in "
                               "4 bits is not implemented; train in bf16 or fp32.")
-        loader = {CALM_TYPE: load_calm, LOGITS_TYPE: load_logit_composition, CO_LLM_TYPE: load_co_llm}[kind]
+        loader = {CALM_TYPE: load_calm, LOGITS_TYPE: load_logit_composition, CO_LLM_TYPE: load_co_llm,
+                  DEEP_FUSION_TYPE: load_deep_fusion}[kind]
         return loader(Path(model_dir), dtype=kwargs.get("dtype"))
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
@@ -208,3 +212,27 @@ def _from_own_tensors(model_dir: Path, prefix: str, config: Any, dtype: Any) -> 
         raise CheckpointError(f"{model_dir}: the {prefix[:-1]} tensors do not match its config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}).")
     return member
+
+
+def load_deep_fusion(model_dir: Path, dtype: Any = None) -> Any:
+    """Experts from ``model_dir``, the source from the recorded path; routing re-attached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmexpand.compose.deep_fusion_modeling import DeepFusionConfig, DeepFusionForCausalLM
+
+    config = DeepFusionConfig.from_pretrained(model_dir)
+    dtype = dtype or torch.float32
+    if not config.source_path:  # self-contained (exported)
+        return DeepFusionForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    check_members(model_dir)
+    with torch.device("meta"):
+        model = DeepFusionForCausalLM(config)
+    model.source = AutoModelForCausalLM.from_pretrained(config.source_path, dtype=dtype)
+    model.experts.to_empty(device="cpu")
+    missing, unexpected = model.experts.load_state_dict(_own_tensors(model_dir, "experts."), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: expert tensors do not match the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).")
+    model.attach()
+    return model.float() if dtype == torch.float32 else model

@@ -24,7 +24,6 @@ from typing import Any, Sequence
 
 from pydantic import Field, field_validator
 
-from lmexpand.checkpoint.composed import is_composed_config
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import shared_token_ids
 from lmexpand.errors import ConfigError
@@ -60,12 +59,8 @@ class ContrastiveConfig(MethodConfig):
 
 
 def _check_members(readers: Sequence[CheckpointReader], roles: list[str]) -> tuple[int, list[str]]:
-    """The common vocabulary size and notes; refuses composed members, tokenizers that
-    differ, and vocabularies that differ beyond padding."""
-    for r, role in zip(readers, roles):
-        if is_composed_config(r.config):
-            raise ConfigError(f"{role} {r.path} is itself a composed model ({r.config.get('model_type')}); members of "
-                              "a logit composition must be plain causal LMs.")
+    """The common vocabulary size and notes; refuses tokenizers that differ and vocabularies
+    that differ beyond padding (a composed member is refused when its source is opened)."""
     n_ids = shared_token_ids([(role, r.path) for r, role in zip(readers, roles)])
     sizes = [int(r.config["vocab_size"]) for r in readers]
     common = min(sizes)
