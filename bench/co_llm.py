@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import CACHE, measure  # noqa: E402
-from bench.train import DATA, TEMPLATE, step_times_from_metrics  # noqa: E402
+from bench.compose import train_step as _train_step  # noqa: E402
 
 PY = sys.executable
 
@@ -74,12 +74,7 @@ def composition() -> Path:
 
 
 def train_step(model: str, *extra: str) -> tuple[float, float]:
-    run = CACHE / "co-llm-train-run"
-    _, rss = measure([PY, "-m", "lmexpand", "-q", "train", "--model", model, "--data", str(DATA), "--template",
-                      TEMPLATE, "--out", str(run), "--seq-len", "256", "--batch-size", "2", "--max-steps", "6",
-                      "--warmup-steps", "1", "--lr", "1e-4", "--val-every", "0", "--val-fraction", "0",
-                      "--no-tensorboard", "--force", *extra])
-    return statistics.median(step_times_from_metrics(run)[2:]), rss
+    return _train_step(model, *extra, run=CACHE / "co-llm-train-run")
 
 
 def main() -> None:

@@ -78,8 +78,9 @@ def generate(models: list[str], tokens: int, repeat: int) -> tuple[dict, float]:
     return json.loads(result.read_text()), rss
 
 
-def train_step(model: str, *extra: str) -> tuple[float, float]:
-    run = CACHE / "compose-train-run"
+def train_step(model: str, *extra: str, run: Path = CACHE / "compose-train-run") -> tuple[float, float]:
+    """Median step time (after 2 warm-up steps) and peak RSS of 6 `lmexpand train` steps at
+    seq 256, batch 2 (also used by bench/co_llm.py)."""
     _, rss = measure([PY, "-m", "lmexpand", "-q", "train", "--model", model, "--data", str(DATA), "--template",
                       TEMPLATE, "--out", str(run), "--seq-len", "256", "--batch-size", "2", "--max-steps", "6",
                       "--warmup-steps", "1", "--lr", "1e-4", "--val-every", "0", "--val-fraction", "0",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from lmexpand.checkpoint import CheckpointReader
 from lmexpand.cli import main
 from lmexpand.compose.loading import load_model
+from tests.fresh_process import max_delta_without_lmexpand
 from tests.test_llama_pro import padded_batch
 from tests.tiny import build_tiny_model
 
@@ -134,22 +133,7 @@ def test_training_changes_only_the_gate_and_export_loads_without_lmexpand(pair, 
     with torch.no_grad():
         expected = trained(input_ids=ids, attention_mask=mask).logits
     assert main(["export", str(run), str(tmp_path / "x")]) == 0, capsys.readouterr().err
-    torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "io.pt")
-    code = f"""
-import torch, sys
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'x')!r}, trust_remote_code=True).eval()
-assert 'lmexpand' not in sys.modules and type(m).__module__.startswith('transformers_modules'), type(m).__module__
-io = torch.load({str(tmp_path / 'io.pt')!r})
-with torch.no_grad():
-    out = m(input_ids=io['ids'], attention_mask=io['mask']).logits
-    m.generate(input_ids=io['ids'], attention_mask=io['mask'], max_new_tokens=4, do_sample=False, pad_token_id=0)
-print((out - io['expected'])[io['mask'].bool()].abs().max().item())
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert float(res.stdout.strip().splitlines()[-1]) == 0.0
+    assert max_delta_without_lmexpand(tmp_path / "x", ids, mask, expected, tmp_path) == 0.0
 
 
 def test_generate_threshold_and_deferrals(pair, tmp_path, capsys):
