@@ -83,17 +83,19 @@ def trained(tmp_path_factory, gsm8k_small):
     parentheses are the spans."""
     root = tmp_path_factory.mktemp("df")
     src = build_tiny_model("llama", root / "src")
+    reader = CheckpointReader(src)
+    before = {t.name: reader.get_tensor(t.name).clone() for t in reader}
     assert main(["surgery", "deep-fusion", str(src), str(root / "df"), "--open", "(", "--close", ")",
                  "--layers", "1,3"]) == 0
     run = root / "run"
     assert main(["train", "--model", str(root / "df"), "--data", str(gsm8k_small), "--template",
                  "Question: {question}\nAnswer: ({answer})", "--seq-len", "48", "--batch-size", "4", "--max-steps",
                  "10", "--warmup-steps", "0", "--lr", "3e-3", "--out", str(run), "--val-every", "10"]) == 0
-    return src, root / "df", run
+    return src, root / "df", run, before
 
 
 def test_training_changes_only_experts_and_fence_free_text_stays_exact(trained):
-    src, df, run = trained
+    src, df, run, source_before = trained
     rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rec if "val_loss" in r]
     assert val[-1] < val[0]
@@ -103,14 +105,14 @@ def test_training_changes_only_experts_and_fence_free_text_stays_exact(trained):
         assert not torch.equal(before.get_tensor(t.name), after.get_tensor(t.name)), t.name
     model = load_model(run / "model").eval()
     base = AutoModelForCausalLM.from_pretrained(src).eval()
-    for name, p in base.named_parameters():  # the source file is untouched (the model reads it)
-        assert torch.equal(p, CheckpointReader(src).get_tensor(name) if name in CheckpointReader(src) else p)
+    reader = CheckpointReader(src)
+    for name, value in source_before.items():  # every original tensor bitwise unchanged by training
+        assert torch.equal(reader.get_tensor(name), value), name
     ids, mask = no_markers()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=mask).logits)
         ids, mask = with_spans()
         d = model(input_ids=ids, attention_mask=mask).logits - base(input_ids=ids, attention_mask=mask).logits
-    inside = span_types(ids, [OPEN], [CLOSE])[0]
     # before the first span token of each row nothing differs; inside a span it does
     assert d[0, :4].abs().max().item() == 0.0 and d[0, 4:9].abs().max().item() > 0
 
@@ -118,7 +120,7 @@ def test_training_changes_only_experts_and_fence_free_text_stays_exact(trained):
 def test_span_state_across_generation_steps(trained):
     """A span opened in the prompt and closed in the generated text: cached generation
     switches weights at the right token (logits equal a forward over the whole sequence)."""
-    _, _, run = trained
+    _, _, run, _ = trained
     model = load_model(run / "model").eval()
     ids = torch.tensor([[5, 40, 41, OPEN, 50, 51]])
     mask = torch.ones_like(ids)
@@ -152,7 +154,7 @@ class _ForceCloseAt:
 
 
 def test_export_loads_without_lmexpand(trained, tmp_path, capsys):
-    _, _, run = trained
+    _, _, run, _ = trained
     model = load_model(run / "model").eval()
     ids, mask = with_spans()
     with torch.no_grad():

@@ -101,6 +101,16 @@ def _own_tensors(model_dir: Path, prefix: str) -> dict[str, Any]:
         reader.close()
 
 
+def _load_own(module: Any, model_dir: Path, prefix: str, what: str) -> None:
+    """The directory's tensors under ``prefix`` into ``module`` (built on the meta device),
+    every one of them and nothing else."""
+    module.to_empty(device="cpu")
+    missing, unexpected = module.load_state_dict(_own_tensors(model_dir, prefix), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: {what} tensors do not match the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).")
+
+
 def load_calm(model_dir: Path, dtype: Any = None) -> Any:
     """Bridges from ``model_dir``, both models from the paths the surgery recorded (or,
     in a self-contained export, from the directory itself)."""
@@ -125,11 +135,7 @@ def load_calm(model_dir: Path, dtype: Any = None) -> Any:
         model.augment = AutoModel.from_pretrained(config.augment_path, dtype=dtype)
     finally:
         hf_logging.set_verbosity(level)
-    model.bridges.to_empty(device="cpu")
-    missing, unexpected = model.bridges.load_state_dict(_own_tensors(model_dir, "bridges."), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{model_dir}: bridge tensors do not match the config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}).")
+    _load_own(model.bridges, model_dir, "bridges.", "bridge")
     return model.float() if dtype == torch.float32 else model
 
 
@@ -187,11 +193,7 @@ def load_co_llm(model_dir: Path, dtype: Any = None) -> Any:
             setattr(model, which, AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
         else:  # trained into this directory (--trainable gate+base)
             setattr(model, which, _from_own_tensors(model_dir, f"{which}.", config.member_config(which), dtype))
-    model.gate.to_empty(device="cpu")
-    missing, unexpected = model.gate.load_state_dict(_own_tensors(model_dir, "gate."), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{model_dir}: gate tensors do not match the config (missing {missing}, "
-                              f"unexpected {unexpected[:3]}).")
+    _load_own(model.gate, model_dir, "gate.", "gate")
     model.gate.float()
     return model.float() if dtype == torch.float32 else model
 
@@ -229,10 +231,6 @@ def load_deep_fusion(model_dir: Path, dtype: Any = None) -> Any:
     with torch.device("meta"):
         model = DeepFusionForCausalLM(config)
     model.source = AutoModelForCausalLM.from_pretrained(config.source_path, dtype=dtype)
-    model.experts.to_empty(device="cpu")
-    missing, unexpected = model.experts.load_state_dict(_own_tensors(model_dir, "experts."), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{model_dir}: expert tensors do not match the config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}).")
+    _load_own(model.experts, model_dir, "experts.", "expert")
     model.attach()
     return model.float() if dtype == torch.float32 else model

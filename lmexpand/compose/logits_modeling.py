@@ -57,7 +57,7 @@ class LogitCompositionConfig(PretrainedConfig):
         if self.members:
             first = self.members[0]
             kwargs.setdefault("vocab_size", min(m["vocab_size"] for m in self.members))
-            for key in ("hidden_size", "num_hidden_layers", "max_position_embeddings"):
+            for key in ("hidden_size", "num_hidden_layers"):
                 if key in first:
                     kwargs.setdefault(key, first[key])
             kwargs["max_position_embeddings"] = min(m.get("max_position_embeddings") or 10**9 for m in self.members)

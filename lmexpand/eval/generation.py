@@ -84,11 +84,8 @@ def prepare_prompts(tokenizer: Any, prompts: list[str], settings: GenerationSett
     return out
 
 
-def _max_positions(model_dir: Path) -> int | None:
-    import json
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    for c in (cfg, cfg.get("anchor") or {}, cfg.get("text_config") or {}):
+def _max_positions(config: dict) -> int | None:
+    for c in (config, config.get("anchor") or {}, config.get("text_config") or {}):
         v = c.get("max_position_embeddings")
         if isinstance(v, int):
             return v
@@ -111,7 +108,7 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         from lmexpand.checkpoint.verify import require_structure
 
         require_structure(reader)
-    kind = reader.config.get("model_type")
+    kind, max_pos = reader.config.get("model_type"), _max_positions(reader.config)
     reader.close()
     if (settings.threshold is not None or settings.show_deferrals) and kind != "lmexpand_co_llm":
         raise ConfigError(f"--threshold and --show-deferrals are only for Co-LLM models (`lmexpand surgery co-llm`); "
@@ -127,7 +124,6 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         tokenizer.pad_token_id = pad
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not settings.chat)
     n_prompt = enc["input_ids"].shape[1]
-    max_pos = _max_positions(model_dir)
     if max_pos and n_prompt + settings.max_new_tokens > max_pos:
         raise ConfigError(f"the prompt ({n_prompt} tokens) plus --max-new-tokens {settings.max_new_tokens} exceeds the "
                           f"model's {max_pos} positions; shorten the prompt or lower --max-new-tokens to "

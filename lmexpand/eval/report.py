@@ -147,18 +147,19 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
             model_tokenizer = tok
         loaded[label] = model
         results["perplexity"][label] = {}
+        streams = {ts.name: token_stream(ts, tok, max_tokens) for ts in text_sets}
         for ts in text_sets:
-            ids = token_stream(ts, tok, max_tokens)
+            ids = streams[ts.name]
             results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
             log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
                      results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
         if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":
             from lmexpand.eval.co_llm import deferral_table
 
-            first = deferral_table(model, tok, token_stream(text_sets[0], tok, max_tokens), seq_len)
+            first = deferral_table(model, tok, streams[text_sets[0].name], seq_len)
             best = first["best"]
             results["co_llm"] = {text_sets[0].name: first, **{
-                ts.name: deferral_table(model, tok, token_stream(ts, tok, max_tokens), seq_len, at=best["threshold"])
+                ts.name: deferral_table(model, tok, streams[ts.name], seq_len, at=best["threshold"])
                 for ts in text_sets[1:]}}
             log.info("co-llm: best threshold on %s %.4f (%.1f %% deferred, hard-switch ppl %.3f): use it with "
                      "`lmexpand generate --threshold %.4f`", text_sets[0].name, best["threshold"],
