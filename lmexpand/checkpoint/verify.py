@@ -110,7 +110,7 @@ def _expected_shapes(model_dir: Path, config: Mapping[str, Any]) -> tuple[dict[s
 def _check_structure(reader: CheckpointReader, report: Report) -> None:
     import torch
 
-    from lmexpand.train.moe import param_name, piece_of
+    from lmexpand.checkpoint.moe_layout import param_name, piece_of
 
     try:
         expected, optional = _expected_shapes(reader.path, reader.config)

@@ -13,13 +13,15 @@ from typing import Any
 
 
 def router_modules(model: Any) -> list[tuple[str, Any]]:
-    from lmexpand.train.moe import is_router
+    from lmexpand.checkpoint.moe_layout import is_router
 
     return [(n, m) for n, m in model.named_modules() if is_router(n, m)]
 
 
 def expert_load(model: Any, ids: list[int], *, seq_len: int = 256, max_tokens: int = 2048) -> dict[str, Any] | None:
     import torch
+
+    from lmexpand.checkpoint.moe_layout import router_choice
 
     routers = router_modules(model)
     if not routers:
@@ -29,14 +31,8 @@ def expert_load(model: Any, ids: list[int], *, seq_len: int = 256, max_tokens: i
 
     def make_hook(name: str):
         def hook(module, inputs, output):
-            if isinstance(output, tuple):
-                logits = next(t for t in output if t.is_floating_point() and t.dim() == 2)
-                idx = next((t for t in output if not t.is_floating_point() and t.dim() == 2), None)
-            else:
-                logits, idx = output, None
+            logits, idx = router_choice(output, top_k)
             n_exp = logits.shape[-1]
-            if idx is None:
-                idx = logits.topk(min(top_k, n_exp), dim=-1).indices
             c = torch.bincount(idx.reshape(-1).cpu(), minlength=n_exp).double()
             counts[name] = counts.get(name, torch.zeros(n_exp, dtype=torch.float64)) + c
         return hook

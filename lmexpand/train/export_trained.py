@@ -19,8 +19,12 @@ from lmexpand.checkpoint.writer import Computed, OutputTensor, RawCopy, unchange
 from lmexpand.train.config import TrainConfig
 
 
-def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[[], Any]]:
-    """Saved tensor name -> function giving its new value, for everything training changed."""
+def changed_tensors(reader: CheckpointReader, model: Any,
+                    full: dict[str, Any] | None = None) -> dict[str, Callable[[], Any]]:
+    """Saved tensor name -> function giving its new value, for everything training changed.
+
+    ``full``: parameter name -> full value, where the model's own parameters are shards
+    (FSDP); the model then only says which parameters were trained."""
     import torch
 
     base = model.base_model.model if hasattr(model, "peft_config") else model
@@ -29,7 +33,7 @@ def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[
     def as_source_dtype(name: str, value: "torch.Tensor") -> "torch.Tensor":
         return value.detach().to("cpu", getattr(torch, torch_dtype_name(reader.info(name).dtype))).contiguous()
 
-    from lmexpand.train.moe import param_name, piece_of
+    from lmexpand.checkpoint.moe_layout import param_name, piece_of
 
     params = dict(base.named_parameters())
     buffers = {n: b for n, b in base.named_buffers() if n.endswith("e_score_correction_bias")}  # MoE balancing
@@ -37,7 +41,8 @@ def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[
         pname, piece = param_name(saved)
         p = params.get(pname)
         if p is not None and p.requires_grad:
-            changed[saved] = lambda saved=saved, p=p, piece=piece: as_source_dtype(saved, piece_of(p, piece))
+            value = full[pname] if full is not None else p
+            changed[saved] = lambda saved=saved, p=value, piece=piece: as_source_dtype(saved, piece_of(p, piece))
         elif saved in buffers:
             changed[saved] = lambda saved=saved: as_source_dtype(saved, buffers[saved])
     for module_name, module in base.named_modules():
@@ -56,8 +61,8 @@ def changed_tensors(reader: CheckpointReader, model: Any) -> dict[str, Callable[
 
 
 def write_trained_model(reader: CheckpointReader, model: Any, cfg: TrainConfig, out: Path,
-                        training: dict[str, Any]) -> Path:
-    changed = changed_tensors(reader, model)
+                        training: dict[str, Any], full: dict[str, Any] | None = None) -> Path:
+    changed = changed_tensors(reader, model, full)
     outputs = [
         OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(changed[t.name])) if t.name in changed
         else unchanged_tensor(reader, t)

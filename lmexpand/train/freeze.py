@@ -45,7 +45,7 @@ def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[
                 "Run a surgery first, or say what to train: --trainable all (full fine-tuning), "
                 "--trainable 'GLOB,...', or --lora."
             )
-        from lmexpand.train.moe import param_name
+        from lmexpand.checkpoint.moe_layout import param_name
 
         # saved names; MoE experts are saved one per expert and held fused by the model
         names = sorted({param_name(n)[0] for n in lineage.get("new_parameters") or []})

@@ -115,7 +115,7 @@ def _param_groups(cfg: TrainConfig, trained: dict, monitor) -> list[dict]:
     """One group, or two for MoE models: routers at lr x moe_router_lr_scale."""
     if not monitor:
         return [{"params": list(trained.values())}]
-    from lmexpand.train.moe import is_router_weight
+    from lmexpand.checkpoint.moe_layout import is_router_weight
 
     routers = [p for n, p in trained.items() if is_router_weight(n)]
     rest = [p for n, p in trained.items() if not is_router_weight(n)]
@@ -186,6 +186,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(cfg.out),
     )
+    sharded = _check_distribution(accelerator, cfg, resume_from)
     set_seed(cfg.seed)
     from lmexpand.compose.loading import register_if_composed
 
@@ -218,6 +219,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         print_parameter_table(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # counted before accelerate wraps the model: FSDP leaves each process a shard of each
+    n_trainable, trainable_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     monitor = _router_monitor(model, model_dir, cfg)
     # state that training changes besides parameters: MoE correction biases (balancing)
     buffers = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")} if monitor else {}
@@ -229,7 +232,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     # step it once per process, changing the schedule with the number of processes.
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    _check_space(cfg, reader, sum(p.numel() * p.element_size() for p in params), accelerator.is_main_process)
+    _check_space(cfg, reader, trainable_bytes, accelerator.is_main_process)
     state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data))
     if resume_from is not None:
         state = load_checkpoint(resume_from, state, {**trained, **buffers}, optimizer, scheduler)
@@ -301,7 +304,11 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                 if accelerator.sync_gradients:
                     # the norm of the synchronized gradients: the same number on every process,
                     # so every process stops together when it is not finite (inf: measure only)
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                    # FSDP: each process holds a shard of each gradient; the wrapped model's own
+                    # clip_grad_norm_ (which accelerate calls when given all of its parameters)
+                    # all-reduces the norm, where clipping `params` would use this shard's alone
+                    grad_norm = accelerator.clip_grad_norm_(list(loss_model.parameters()) if sharded else params,
+                                                            cfg.max_grad_norm or float("inf"))
                     _stop_if_not_finite(grad_norm, state.step + 1, cfg)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -348,6 +355,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
 
     # ---- the result: the full model, original tensors streamed from the source ----------
     out_model = cfg.out / "model"
+    # FSDP: each process holds a shard of every parameter; gather the full values (a
+    # collective: every process takes part, the main process receives them)
+    full = _gathered_parameters(accelerator, loss_model) if sharded else None
     if accelerator.is_main_process:
         from lmexpand.train.export_trained import write_trained_model
 
@@ -355,11 +365,73 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             reader, accelerator.unwrap_model(loss_model).model, cfg, out_model,
             training={"steps": state.step, "tokens": state.tokens, "data": [str(d.path) for d in cfg.data],
                       "data_fingerprint": state.data_fingerprint, "final_val_loss": last_val,
-                      "trainable_parameters": sum(p.numel() for p in params)},
+                      "trainable_parameters": n_trainable},
+            full=full,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and the process group): last
     return out_model
+
+
+def _check_distribution(accelerator, cfg: TrainConfig, resume_from: Path | None) -> bool:
+    """Before anything is loaded or written: the processes really train together, and the
+    options asked for work with the way they share the model. True under FSDP (parameters
+    sharded across processes)."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"{launched} processes were launched, but accelerate set up no distributed training in them (it found no "
+            "GPU for the FSDP, DeepSpeed or multi-GPU config): each would train alone and write the same --out. On "
+            "CPUs, launch data parallel as `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m lmexpand train ...`; "
+            "the FSDP and DeepSpeed configs need GPUs (docs/training.md)."
+        )
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or sharded:
+        kind = "FSDP" if sharded else "DeepSpeed"
+        if cfg.save_every or resume_from is not None:
+            raise ConfigError(
+                f"--save-every and --resume are not supported under {kind} yet: its optimizer state is sharded across "
+                "processes and lmexpand's checkpoints hold one process's state. Train without them under "
+                f"{kind}, or use data parallel (recipes/accelerate/ddp.yaml), where both work."
+            )
+        if cfg.co_llm_init_steps:
+            raise ConfigError(f"--co-llm-init-steps is not supported under {kind}; run the gate initialisation with "
+                              "data parallel or one process, then continue from its output.")
+    return sharded
+
+
+def _gathered_parameters(accelerator, loss_model) -> dict[str, Any] | None:
+    """The full values of the trained parameters of an FSDP-wrapped model on the main process
+    (None on the others), by the model's own parameter names. Every process must call it.
+
+    FSDP1 (``use_orig_params``): inside ``summon_full_params`` the original parameters hold
+    their full values; FSDP2: each parameter is a DTensor, gathered by ``full_tensor()``.
+    Only the trained parameters are copied (the frozen ones are streamed from the source).
+    """
+    import torch
+
+    wrapped = accelerator.unwrap_model(loss_model).model
+
+    def trained() -> dict[str, Any]:
+        out = {}
+        for name, p in wrapped.named_parameters():
+            if p.requires_grad:
+                value = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[name.replace("_fsdp_wrapped_module.", "")] = value.detach().to("cpu", copy=True)
+        return out
+
+    if getattr(accelerator, "is_fsdp2", False):
+        full = trained()
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with torch.no_grad(), FSDP.summon_full_params(loss_model, writeback=False):
+            full = trained()
+    return full if accelerator.is_main_process else None
 
 
 def _check_space(cfg: TrainConfig, reader, trainable_bytes: int, main_process: bool) -> None:

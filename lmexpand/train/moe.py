@@ -1,9 +1,8 @@
-"""Training upcycled MoE models: checkpoint <-> parameter names, router balancing, load stats.
+"""Training upcycled MoE models: router balancing and load stats.
 
-Checkpoints hold one tensor per expert (``experts.3.w1.weight``, ``experts.3.gate_proj.weight``)
-while transformers v5 models hold the experts of a layer fused (``mlp.experts.gate_up_proj``
-[E, 2I, H], gate rows first; ``mlp.experts.down_proj`` [E, H, I]). :func:`param_name` maps a
-saved name to its parameter and the piece of it; the final model is written back per expert.
+The per-expert checkpoint names <-> fused parameters, which modules are routers and what a
+router returns live in :mod:`lmexpand.checkpoint.moe_layout` (``eval/moe.py`` reads the
+routers with the same function).
 
 :class:`RouterMonitor` hooks every router and, per training forward pass, gives
 
@@ -22,49 +21,12 @@ Both losses are averaged over routers and scaled by their coefficients.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-_EXPERT = re.compile(
-    r"^(?P<layer>.*\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
-)
-_MIXTRAL_ROUTER = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.gate\.weight$")
-_PIECE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-
-
-def param_name(saved: str) -> tuple[str, tuple[str, int] | None]:
-    """Saved tensor name -> (parameter name, (piece, expert) or None for a whole tensor)."""
-    m = _EXPERT.match(saved)
-    if m:
-        piece = _PIECE[m["w"]]
-        fused = "down_proj" if piece == "down" else "gate_up_proj"
-        return f"{m['layer']}.mlp.experts.{fused}", (piece, int(m["e"]))
-    m = _MIXTRAL_ROUTER.match(saved)
-    if m:
-        return f"{m['layer']}.mlp.gate.weight", None
-    return saved, None
-
-
-def piece_of(value: torch.Tensor, piece: tuple[str, int] | None) -> torch.Tensor:
-    """The part of a fused expert tensor that one saved tensor holds."""
-    if piece is None:
-        return value
-    kind, e = piece
-    if kind == "down":
-        return value[e]
-    half = value.shape[1] // 2
-    return value[e, :half] if kind == "gate" else value[e, half:]
-
-
-def is_router_weight(param_name: str) -> bool:
-    return param_name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
-
-
-def is_router(name: str, module: nn.Module) -> bool:
-    return name.endswith((".mlp.gate", ".block_sparse_moe.gate")) or type(module).__name__.lower().endswith("router")
+from lmexpand.checkpoint.moe_layout import is_router, router_choice
 
 
 class RouterMonitor:
@@ -84,8 +46,7 @@ class RouterMonitor:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not module.training:
                 return
-            logits = output[0] if isinstance(output, tuple) else output
-            idx = output[-1] if isinstance(output, tuple) else logits.topk(getattr(module, "top_k", 2), dim=-1).indices
+            logits, idx = router_choice(output, getattr(module, "top_k", 2))
             self._calls.append((index, logits, idx))
             c = torch.bincount(idx.detach().reshape(-1), minlength=logits.shape[-1]).to(torch.float64)
             self.counts[index] = c if self.counts[index] is None else self.counts[index] + c
