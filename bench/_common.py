@@ -92,3 +92,68 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     rss = [l for l in r.stderr.splitlines() if l.startswith("LMX_RSS_KB=")][-1].split("=")[1]
     return elapsed, int(rss) / 1024
+
+
+def training_macs(model_dir: Path, seq_len: int, trainable: str = "new") -> float:
+    """Multiply-accumulates per token of one training step, counted from the config and the
+    saved tensors' shapes (x2 for FLOPs). ``trainable``: 'new' (the blocks lmexpand.json's
+    layer map marks new), 'all' (full fine-tuning) or 'moe' (experts, shared experts and
+    routers of the upcycled layers).
+
+    Linear layers: forward W everywhere; backward W again for the input gradient in every
+    layer from the first trained one up, and W once more for the weight gradient only where
+    the weight trains. Causal attention: 2 * (seq/2) * hidden forward, twice that backward
+    wherever gradients flow. MoE layers count what a token uses: top-k routed experts, the
+    shared experts and the router. The lm_head: forward and input gradient, plus its weight
+    gradient under full fine-tuning. Layers below the first trained one need no backward."""
+    import re
+
+    from lmexpand.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(model_dir, need_family=False)
+    cfg = reader.config
+    text = cfg.get("text_config", cfg)
+    h, vocab, n = text["hidden_size"], text["vocab_size"], text["num_hidden_layers"]
+    top_k = int(text.get("num_experts_per_tok") or 1)
+    layer_re = re.compile(r"\.layers\.(\d+)\.(.*)$")
+    dense = [0.0] * n  # per layer: active MACs of frozen-able linear weights, and of MoE weights
+    moe = [0.0] * n
+    experts: dict[int, set[int]] = {}
+    expert_macs = [0.0] * n
+    for t in reader:
+        m = layer_re.search(t.name)
+        if not m or len(t.shape) < 2:
+            continue
+        layer, rest = int(m[1]), m[2]
+        size = 1
+        for d in t.shape:
+            size *= d
+        e = re.search(r"experts\.(\d+)\.", rest)
+        if e:
+            experts.setdefault(layer, set()).add(int(e[1]))
+            expert_macs[layer] += size
+        elif re.search(r"experts\.(gate_up_proj|down_proj)$", rest):  # fused [E, ...]
+            experts.setdefault(layer, set()).update(range(t.shape[0]))
+            expert_macs[layer] += size
+        elif "shared_expert" in rest or re.search(r"(mlp|block_sparse_moe)\.gate\.weight$", rest):
+            moe[layer] += size
+        else:
+            dense[layer] += size
+    for layer, ids in experts.items():
+        moe[layer] += expert_macs[layer] / len(ids) * min(top_k, len(ids))
+    attn = 2 * (seq_len / 2) * h
+    linear = [d + m for d, m in zip(dense, moe)]
+    forward = sum(linear) + n * attn + h * vocab
+    if trainable == "all":
+        trained, first = linear, 0
+    elif trainable == "moe":
+        trained = moe
+        first = next(i for i, m in enumerate(moe) if m)
+    else:
+        lineage = json.loads((Path(model_dir) / "lmexpand.json").read_text())
+        new = [i for i, x in enumerate(lineage["layer_map"]) if isinstance(x, str)]
+        trained = [linear[i] if i in new else 0.0 for i in range(n)]
+        first = new[0]
+    backward_input = sum(linear[first:]) + (n - first) * 2 * attn + h * vocab
+    backward_weight = sum(trained) + (h * vocab if trainable == "all" else 0)
+    return forward + backward_input + backward_weight

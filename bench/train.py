@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import CACHE, measure  # noqa: E402
+from bench._common import CACHE, measure, training_macs  # noqa: E402
 
 PY = sys.executable
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -56,25 +56,9 @@ def step_times_from_metrics(run: Path) -> list[float]:
 
 
 def flop_floor(model: Path, seq_len: int = 512) -> tuple[float, float, float]:
-    """Multiply-accumulates per token of one training step, from the config and the layer
-    map: (full fine-tuning, new blocks only, ratio). Linear layers: forward W, backward W for
-    the input gradient and W again for the weight gradient (only where the weight trains);
-    causal attention ~ 2 * (seq/2) * hidden forward, twice that backward wherever gradients
-    flow; the tied lm_head: forward, input gradient, and (full FT) weight gradient. Layers
-    below the first new block need no backward at all when frozen."""
-    cfg = json.loads((model / "config.json").read_text())
-    lineage = json.loads((model / "lmexpand.json").read_text())
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    linear = 2 * h * h + 2 * h * kv + 3 * h * inter
-    attn = 2 * (seq_len / 2) * h
-    layer_map = lineage["layer_map"]
-    new = [i for i, x in enumerate(layer_map) if isinstance(x, str)]
-    n = len(layer_map)
-    forward = n * (linear + attn) + h * vocab
-    full = forward + n * (2 * linear + 2 * attn) + 2 * h * vocab
-    reach = n - new[0]  # layers the backward pass must traverse
-    ours = forward + reach * (linear + 2 * attn) + len(new) * linear + h * vocab
+    """Multiply-accumulates per token of one training step (bench/_common.training_macs):
+    (full fine-tuning, new blocks only, ratio)."""
+    full, ours = training_macs(model, seq_len, "all"), training_macs(model, seq_len, "new")
     return full, ours, ours / full
 
 
