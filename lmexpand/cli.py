@@ -52,6 +52,23 @@ def cli(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    _third_party_progress(verbose > 0)
+
+
+def _third_party_progress(show: bool) -> None:
+    """transformers' and the hub's own progress bars ("Loading weights" for every model
+    loaded) only with -v; lmexpand's own progress is unaffected. A user's explicit
+    HF_HUB_DISABLE_PROGRESS_BARS is kept."""
+    import os
+    import sys
+
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ or os.environ.get("LMEXPAND_SET_HF_BARS"):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"  # read when transformers is imported
+        os.environ["LMEXPAND_SET_HF_BARS"] = "1"
+        if "transformers" in sys.modules:  # already imported (lmexpand called in-process)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar() if show else hf_logging.disable_progress_bar()
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
 
+from lmexpand.checkpoint.compat import for_every_client
 from lmexpand.checkpoint.reader import INDEX_FILE, LINEAGE_FILE, SINGLE_FILE, st_dtype_of
 from lmexpand.checkpoint.safetensors_format import TensorInfo, TensorSlot, alignment_order, encode_header
 from lmexpand.errors import CheckpointError, DiskFullError, TargetError
@@ -423,6 +424,12 @@ def write_checkpoint(
         dup = next(n for n in names if names.count(n) > 1)
         raise CheckpointError(f"tensor {dup!r} appears twice in the output (a bug in the surgery plan)")
     files = dict(files or {})
+    for name in ("config.json", "tokenizer_config.json"):  # read the same by transformers 4.x and 5.x
+        if name in files:
+            content = files[name] if isinstance(files[name], bytes) else Path(files[name]).read_bytes()
+            compatible = for_every_client(name, content)
+            if compatible != content:
+                files[name] = compatible
     total = sum(t.slot.nbytes for t in tensors)
     extra = sum(len(v) if isinstance(v, bytes) else Path(v).stat().st_size for v in files.values())
 
