@@ -81,6 +81,12 @@ def _same_training(single: Path, other: Path, steps: int | None = None) -> None:
                 assert abs(x[key] - y[key]) <= 1e-5 * max(1.0, abs(x[key])), (key, x, y)
 
 
+def _same_grad_norms(a: Path, b: Path) -> None:
+    """The norm of the whole gradient on both (FSDP: not one shard's)."""
+    for x, y in zip(_metrics(a), _metrics(b)):
+        assert abs(x.get("grad_norm", 0) - y.get("grad_norm", 0)) <= 1e-5 * max(1, x.get("grad_norm", 0)), (x, y)
+
+
 def _same_weights(single: Path, other: Path, rel_max: float) -> None:
     ra, rb = CheckpointReader(single / "model", need_family=False), CheckpointReader(other / "model", need_family=False)
     assert set(ra.tensors) == set(rb.tensors)
@@ -122,8 +128,7 @@ def test_fsdp_matches_one_process(tiny_pro, gsm8k_small, tmp_path):
     _run("single", tiny_pro, gsm8k_small, single)
     _run("fsdp", tiny_pro, gsm8k_small, fsdp)
     _same_training(single, fsdp)
-    for x, y in zip(_metrics(single), _metrics(fsdp)):  # the norm of the whole gradient, not one shard's
-        assert abs(x.get("grad_norm", 0) - y.get("grad_norm", 0)) <= 1e-5 * max(1, x.get("grad_norm", 0)), (x, y)
+    _same_grad_norms(single, fsdp)
     _same_weights(single, fsdp, 1e-4)
     _frozen_unchanged(tiny_pro, fsdp)
 
@@ -149,8 +154,7 @@ def test_fsdp_moe_equals_data_parallel(tiny_moe, gsm8k_small, tmp_path):
     _run("ddp", tiny_moe, gsm8k_small, ddp)
     _run("fsdp", tiny_moe, gsm8k_small, fsdp)
     _same_training(ddp, fsdp)
-    for x, y in zip(_metrics(ddp), _metrics(fsdp)):  # the norm of the whole gradient, not one shard's
-        assert abs(x.get("grad_norm", 0) - y.get("grad_norm", 0)) <= 1e-5 * max(1, x.get("grad_norm", 0)), (x, y)
+    _same_grad_norms(ddp, fsdp)
     _same_weights(ddp, fsdp, 1e-6)
     _same_training(single, fsdp, steps=1)
     assert _frozen_unchanged(tiny_moe, fsdp) > 0
