@@ -54,6 +54,7 @@ from bench._common import CACHE, llama_tensor_shapes, training_macs  # noqa: E40
 PY = sys.executable
 DATA = ROOT / "recipes" / "data" / "gsm8k-subset" / "train.jsonl"  # real text, in the repo
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
+HF_TRAINER = ROOT / "bench" / "peers" / "hf_trainer_freeze.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "L40S": 362, "L40": 181, "A10G": 125,
                "A10": 125, "4090": 165, "L4": 121, "A6000": 155}
@@ -115,7 +116,8 @@ def surgery(cmd: list[str], out: Path) -> dict:
 
 def child(argv: list[str]) -> int:
     """``gpu.py --child KIND OUT.json ARGS...``: run one training in this process and write
-    its peak memory; KIND 'lmexpand' (ARGS: the CLI's) or 'hf' (MODEL DATA RUN STEPS BATCH SEQ)."""
+    its peak memory; KIND 'lmexpand' (ARGS: the CLI's) or 'hf' (bench/peers/hf_trainer_freeze.py's:
+    MODEL DATA RUN STEPS BATCH SEQ)."""
     import resource
 
     import torch
@@ -127,55 +129,16 @@ def child(argv: list[str]) -> int:
         from lmexpand.cli import main
 
         rc = main(args)
-    else:
-        rc = hf_trainer(*args)
+    else:  # the same baseline bench/train.py runs, in this process so that its peak is measured
+        import runpy
+
+        sys.argv = [str(HF_TRAINER), *args]
+        runpy.run_path(str(HF_TRAINER), run_name="__main__")
+        rc = 0
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result.write_text(json.dumps({"rc": rc, "peak_bytes": peak, "cuda": torch.cuda.is_available()}))
     return rc
-
-
-def hf_trainer(model_dir: str, data: str, out: str, steps: str, batch: str, seq: str) -> int:
-    import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
-
-    steps_i, batch_i, seq_i, run_dir = int(steps), int(batch), int(seq), Path(out)
-    cuda = torch.cuda.is_available()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    new = set(json.loads((Path(model_dir) / "lmexpand.json").read_text())["new_parameters"])
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in new)
-    ids: list[int] = []
-    need = steps_i * batch_i * seq_i + seq_i
-    while len(ids) <= need:
-        for line in open(data):
-            r = json.loads(line)
-            ids += tok(TEMPLATE.format(**r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    blocks = [ids[i:i + seq_i] for i in range(0, len(ids) - seq_i, seq_i)]
-    dataset = [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in blocks]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(run_dir / "metrics.jsonl", "w")
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            metrics.write(json.dumps({"step": state.global_step, "loss": 0.0,
-                                      "elapsed_s": time.perf_counter() - self.t0}) + "\n")
-            metrics.flush()
-
-    targs = TrainingArguments(output_dir=str(run_dir / "trainer"), per_device_train_batch_size=batch_i,
-                              max_steps=steps_i, learning_rate=1e-4, warmup_steps=1, lr_scheduler_type="cosine",
-                              logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not cuda,
-                              bf16=cuda, dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0, seed=0)
-    Trainer(model=model, args=targs, train_dataset=dataset, data_collator=default_data_collator,
-            callbacks=[Timer()]).train()
-    return 0
 
 
 def train_variant(name: str, model: Path, work: Path, steps: int, batch: int, seq: int, *extra: str,

@@ -9,6 +9,7 @@ Logs go to stderr; machine-readable output (``--json``) to stdout. Exit codes: 0
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -55,20 +56,20 @@ def cli(verbose: int, quiet: bool) -> None:
     _third_party_progress(verbose > 0)
 
 
+# a user's own HF_HUB_DISABLE_PROGRESS_BARS (set before lmexpand started) is kept
+_USER_SET_HF_BARS = "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ
+
+
 def _third_party_progress(show: bool) -> None:
     """transformers' and the hub's own progress bars ("Loading weights" for every model
-    loaded) only with -v; lmexpand's own progress is unaffected. A user's explicit
-    HF_HUB_DISABLE_PROGRESS_BARS is kept."""
-    import os
-    import sys
+    loaded) only with -v; lmexpand's own progress is unaffected."""
+    if _USER_SET_HF_BARS:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"  # read when transformers is imported
+    if "transformers" in sys.modules:  # already imported (lmexpand called in-process)
+        from transformers.utils import logging as hf_logging
 
-    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ or os.environ.get("LMEXPAND_SET_HF_BARS"):
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"  # read when transformers is imported
-        os.environ["LMEXPAND_SET_HF_BARS"] = "1"
-        if "transformers" in sys.modules:  # already imported (lmexpand called in-process)
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.enable_progress_bar() if show else hf_logging.disable_progress_bar()
+        hf_logging.enable_progress_bar() if show else hf_logging.disable_progress_bar()
 
 
 @cli.command()

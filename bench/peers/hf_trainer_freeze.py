@@ -1,7 +1,11 @@
 """Baseline (c): the transformers Trainer, with requires_grad=False on every weight the
 surgery did not add (what a user of HF tools would write).
 
-    python bench/peers/hf_trainer_freeze.py MODEL_DIR DATA.jsonl OUT STEPS BATCH
+    python bench/peers/hf_trainer_freeze.py MODEL_DIR DATA.jsonl OUT STEPS BATCH [SEQ]
+
+SEQ defaults to 512. On a CUDA machine it trains there with the Trainer's bf16 mixed
+precision (autocast over fp32 weights); elsewhere fp32 on CPU. bench/train.py and
+bench/gpu.py both run it.
 
 Writes OUT/metrics.jsonl with elapsed_s per step, like lmexpand's.
 """
@@ -16,7 +20,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerC
                           default_data_collator)
 
 model_dir, data, out, steps, batch = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-seq = 512
+seq = int(sys.argv[6]) if len(sys.argv) > 6 else 512
+cuda = torch.cuda.is_available()
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 new = set(json.loads((Path(model_dir) / "lmexpand.json").read_text())["new_parameters"])
@@ -42,13 +47,16 @@ class Timer(TrainerCallback):
         self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        if cuda:
+            torch.cuda.synchronize()
         metrics.write(json.dumps({"step": state.global_step, "loss": 0.0, "elapsed_s": time.perf_counter() - self.t0}) + "\n")
         metrics.flush()
 
 
 args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=1e-4, warmup_steps=1, lr_scheduler_type="cosine", logging_steps=1,
-                         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda,
+                         dataloader_num_workers=0,
                          optim="adamw_torch", max_grad_norm=1.0, seed=0)
 Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
         callbacks=[Timer()]).train()
