@@ -598,11 +598,17 @@ def _train_config_from_cli(kw: dict):
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Window length.")
 @click.option("--stride", type=int, default=None, help="Window stride (default: --seq-len, disjoint windows).")
 @click.option("--no-samples", is_flag=True, help="Skip the sample generations.")
-@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness TASKS (needs the lm-eval extra and local task data).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness TASKS (comma-separated; needs the lm-eval extra; offline: local task data or --lm-eval-include).")
+@click.option("--lm-eval-include", default=None, help="Directory of task YAML files for --lm-eval (local tasks).")
+@click.option("--lm-eval-limit", type=float, default=None, help="Documents per --lm-eval task (a fraction if below 1).")
+@click.option("--lm-eval-batch-size", default="1", show_default=True, help="Batch size for --lm-eval (a number or 'auto').")
+@click.option("--lm-eval-fewshot", type=int, default=None, help="Few-shot examples for --lm-eval  [default: each task's own]")
+@click.option("--lm-eval-device", default=None, help="Device for --lm-eval: cpu, cuda, cuda:N  [default: cuda if available, else cpu]")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights for MODEL, --base and --compare (loaded weights-only). Only for trusted files.")
 def eval_command(model: str, data, template, text_field, base, compare, out, max_tokens, seq_len, stride,
-                 no_samples, lm_eval_tasks, as_json, allow_pickle) -> None:
+                 no_samples, lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_batch_size, lm_eval_fewshot,
+                 lm_eval_device, as_json, allow_pickle) -> None:
     """Perplexity per text set against a base, function preservation, parameters, samples.
 
     MODEL is a model directory, a training run directory (its model/ and metrics.jsonl are
@@ -628,17 +634,19 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
         if not sep or not label or not spec:
             raise ConfigError(f"--compare {c!r}: use LABEL=MODEL, e.g. expanded=out/pro")
         pairs.append((label, spec))
-    if lm_eval_tasks:
-        from lmexpand.eval.harness import check_lm_eval
+    harness = None
+    if lm_eval_tasks is not None:
+        from lmexpand.eval.harness import LmEvalSettings
 
-        check_lm_eval()
+        harness = LmEvalSettings.parse(lm_eval_tasks, include=lm_eval_include, limit=lm_eval_limit,
+                                       batch_size=lm_eval_batch_size, device=lm_eval_device, num_fewshot=lm_eval_fewshot)
+    elif any(v is not None for v in (lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_device)) \
+            or lm_eval_batch_size != "1":
+        raise ConfigError("the --lm-eval-* options set up lm-evaluation-harness: add --lm-eval TASKS "
+                          "(e.g. --lm-eval hellaswag), or leave them out.")
     sets = [parse_text_set(d, template, text_field) for d in data]
     results = run_eval(model, sets, Path(out), base=base, compare=pairs, max_tokens=max_tokens, seq_len=seq_len,
-                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle)
-    if lm_eval_tasks:
-        from lmexpand.eval.harness import run_lm_eval
-
-        results["lm_eval"] = run_lm_eval(results["model"], lm_eval_tasks.split(","), Path(out))
+                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle, lm_eval=harness)
     log.info("report: %s", Path(out) / "report.md")
     if as_json:
         click.echo(json.dumps(results, indent=2))

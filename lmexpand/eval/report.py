@@ -118,7 +118,10 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
 
 def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: str | None = None,
              compare: Sequence[tuple[str, str]] = (), max_tokens: int = 16384, seq_len: int = 256,
-             stride: int | None = None, samples: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+             stride: int | None = None, samples: bool = True, allow_pickle: bool = False,
+             lm_eval: Any = None) -> dict[str, Any]:
+    """Score every row, then (``lm_eval``: :class:`~lmexpand.eval.harness.LmEvalSettings`) run
+    lm-evaluation-harness on the evaluated model; write results.json and report.md."""
     if not text_sets:
         raise ConfigError("give at least one --data NAME=FILE to score.")
     names = [t.name for t in text_sets]
@@ -132,6 +135,11 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
     rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
     rows.append(("model", model_dir))
     tokenizers = _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)  # loaded once, used below
+    harness = None
+    if lm_eval is not None:
+        from lmexpand.eval.harness import prepare_lm_eval
+
+        harness = prepare_lm_eval(lm_eval)  # tasks, data and device checked before any scoring
 
     results: dict[str, Any] = {
         "model": str(model_dir), "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "stride": stride},
@@ -177,6 +185,10 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
     from lmexpand.eval.moe import expert_load
 
     results["moe"] = expert_load(loaded["model"], token_stream(text_sets[0], tokenizer, 2048), seq_len=seq_len)
+    if lm_eval is not None:
+        from lmexpand.eval.harness import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(loaded["model"], model_tokenizer, lm_eval, harness, out)
     if metrics_path is not None:
         results["training_log"] = str(metrics_path)
     write_report(results, out, metrics_path)
@@ -242,6 +254,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         from lmexpand.eval.co_llm import render
 
         lines += render(r["co_llm"])
+    if r.get("lm_eval"):
+        from lmexpand.eval.harness import render as render_harness
+
+        lines += render_harness(r["lm_eval"])
     for plot in r.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     if r.get("samples"):
