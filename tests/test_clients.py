@@ -1,7 +1,10 @@
-"""Exports and surgery outputs read the same by transformers 4.57 and 5.x.
+"""Exports and surgery outputs read the same by transformers 4.57 and 5.x, and llama.cpp's
+converter turns the dense and Mixtral-style ones into GGUF files that hold the same tensors.
 
 transformers 4.57 runs in its own venv (bench/peers/install_transformers4.sh, as CI does);
-the tests skip cleanly without it. The models use RoPE theta 100,000 (SmolLM2's), which 4.x
+the tests skip cleanly without it. llama.cpp's convert_hf_to_gguf.py comes from the
+llama-cpp-python 0.3.36 source distribution (bench/peers/install_llama_cpp_convert.sh) and
+runs in that venv, as its requirements pin. The models use RoPE theta 100,000 (SmolLM2's), which 4.x
 would silently replace by its default 10,000 if the config carried only transformers 5's
 ``rope_parameters``.
 """
@@ -105,3 +108,89 @@ def test_legacy_keys_are_the_same_settings():
     assert tok["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert for_every_client("tokenizer_config.json", b'{"tokenizer_class": "LlamaTokenizer"}') == \
         b'{"tokenizer_class": "LlamaTokenizer"}'
+
+
+# -- llama.cpp's converter -------------------------------------------------------------------
+LC = ROOT / "bench" / ".peers" / "llama-cpp"
+NEEDS_CONVERTER = pytest.mark.skipif(
+    not (T4.exists() and (LC / "convert_hf_to_gguf.py").exists()),
+    reason="llama.cpp's converter not installed (bash bench/peers/install_llama_cpp_convert.sh)")
+
+
+@pytest.fixture(scope="module")
+def smol_outputs(tmp_path_factory, smollm2) -> dict[str, Path]:
+    """Tiny models with SmolLM2's real tokenizer: the converter recognizes a tokenizer by the
+    hash of its pre-tokenization, which a tiny test BPE does not have."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("gguf")
+    base = build_tiny_model("llama", root / "base", vocab_size=49152, pad_token_id=2,
+                            rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / f, base / f)
+    out = {}
+    for name, args in {"llama-pro": ["llama-pro", "--add", "2"], "upscale": ["upscale", "--slices", "0-3,1-4"],
+                       "moe-mixtral": ["moe", "--experts", "4", "--top-k", "2"],
+                       "moe-fine": ["moe", "--segments", "4", "--shared", "1", "--replicas", "2"]}.items():
+        assert main(["-q", "surgery", args[0], str(base), str(root / name), *args[1:]]) == 0
+        out[name] = root / name
+    return out
+
+
+def _convert(model: Path, gguf: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([str(T4), str(LC / "convert_hf_to_gguf.py"), str(model), "--outfile", str(gguf),
+                           "--outtype", "f32"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(LC / "gguf-py")})
+
+
+@NEEDS_CONVERTER
+def test_llama_cpp_converts_dense_outputs_exactly(smol_outputs, tmp_path):
+    """LLaMA-Pro and SOLAR outputs through llama.cpp's convert_hf_to_gguf.py (f32), read back
+    by transformers' GGUF loader: the same logits to the last bit, the same token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("llama-pro", "upscale"):
+        gguf = tmp_path / f"{name}.gguf"
+        r = _convert(smol_outputs[name], gguf)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ours = AutoModelForCausalLM.from_pretrained(smol_outputs[name], dtype=torch.float32).eval()
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+        assert back.config.num_hidden_layers == ours.config.num_hidden_layers, name
+        ids = (torch.arange(40) * 1237 + 11).remainder(49152).unsqueeze(0)
+        with torch.no_grad():
+            delta = (ours(ids).logits - back(ids).logits).abs().max().item()
+        print(f"{name}: GGUF round trip max |d| {delta:.2e}")
+        assert delta == 0.0, (name, delta)
+        text = TEXT + " <|im_start|>user\nhi<|im_end|>"
+        assert AutoTokenizer.from_pretrained(smol_outputs[name])(text)["input_ids"] == \
+            AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)(text)["input_ids"], name
+
+
+@NEEDS_CONVERTER
+def test_llama_cpp_converter_on_moe_outputs(smol_outputs, tmp_path):
+    """Mixtral-style copies convert (llama.cpp's stacked expert tensors, checked with its own
+    gguf-py reader against the export); the fine-grained (Glm4-MoE) export does not: the
+    converter asks the tokenizer for GLM's own [gMASK] token (docs/moe.md says what to do)."""
+    import torch
+    from safetensors.torch import load_file
+
+    gguf = tmp_path / "mixtral.gguf"
+    r = _convert(smol_outputs["moe-mixtral"], gguf)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from gguf import GGUFReader  # the project's own dependency (the embedded model is a GGUF)
+
+    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    ours = load_file(smol_outputs["moe-mixtral"] / "model.safetensors")
+    for ours_name, theirs in (("w2", "ffn_down_exps"), ("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps")):
+        got = torch.from_numpy(tensors[f"blk.0.{theirs}.weight"].data.copy())
+        expected = torch.stack([ours[f"model.layers.0.block_sparse_moe.experts.{e}.{ours_name}.weight"]
+                                for e in range(4)])
+        assert torch.equal(got.reshape(expected.shape), expected), theirs
+    assert torch.equal(torch.from_numpy(tensors["blk.0.ffn_gate_inp.weight"].data.copy()).reshape(4, -1),
+                       ours["model.layers.0.block_sparse_moe.gate.weight"])
+
+    r = _convert(smol_outputs["moe-fine"], tmp_path / "fine.gguf")
+    assert r.returncode != 0 and "[gMASK]" in r.stderr, r.stderr[-2000:]
