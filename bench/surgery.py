@@ -12,6 +12,9 @@ own process (imports included, as a user runs it) under GNU time for its peak RS
 output is synced. Runs are interleaved (cp, lmexpand, naive, mergekit, cp, ...), best of
 --repeat, with a warm page cache and, unless --no-cold, a dropped one (root only).
 
+Also runs lmexpand with the shard sha256 switched off (LMEXPAND_BENCH_NO_HASH=1, a
+benchmark-only switch) to show what the integrity record costs.
+
 Baselines:
   (a) `cp -r` of a checkpoint of the output's size (lmexpand's own output);
   (b) llama-pro only: the naive way of the official LLaMA-Pro script and LLaMA-Factory's
@@ -85,7 +88,7 @@ def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ours, ref = work / "lmexpand", work / "cp-ref"
-    lmexpand = [PY, "-m", "lmexpand", "-q", "surgery", method, str(src), str(ours)]
+    lmexpand = [PY, "-m", "lmexpand", "-q", "surgery", method, str(src), str(ours)]  # [7] is the output
     mergekit_flags: list[str] = []
     if method == "llama-pro":
         positions = list(range(3, num_layers, 4))
@@ -114,8 +117,13 @@ def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
     measure(cmds["lmexpand"])
     shutil.copytree(ours, ref)
     shutil.rmtree(ours)
-    cmds = {"cp": ["cp", "-r", str(ref), str(work / "cp-out")], **cmds}
-    outputs = {"cp": work / "cp-out", "lmexpand": ours, "naive": work / "naive", "mergekit": work / "mergekit"}
+    cmds = {"cp": ["cp", "-r", str(ref), str(work / "cp-out")], "lmexpand": cmds["lmexpand"],
+            # the same surgery without the shard hashes (a benchmark-only switch, to show their cost)
+            "no-hash": [*cmds["lmexpand"][:7], str(work / "nohash"), *cmds["lmexpand"][8:]],
+            **{k: v for k, v in cmds.items() if k != "lmexpand"}}
+    envs = {"no-hash": {"LMEXPAND_BENCH_NO_HASH": "1"}}
+    outputs = {"cp": work / "cp-out", "lmexpand": ours, "no-hash": work / "nohash", "naive": work / "naive",
+               "mergekit": work / "mergekit"}
 
     results: dict[str, dict[str, list]] = {mode: {k: [] for k in cmds} for mode in (["warm", "cold"] if cold else ["warm"])}
     for mode in results:
@@ -130,7 +138,7 @@ def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
                     drop_page_cache()
                 else:
                     subprocess_warm(src, ref)
-                results[mode][name].append(measure(cmd))
+                results[mode][name].append(measure(cmd, envs.get(name)))
     check = compare_with_mergekit(ours, outputs["mergekit"]) if "mergekit" in cmds else "mergekit not run"
     out_bytes = sum(p.stat().st_size for p in ours.iterdir())
     largest = max(t.nbytes for t in __import__("lmexpand.checkpoint", fromlist=["x"]).CheckpointReader(src))
@@ -157,6 +165,10 @@ def report(r: dict) -> None:
         print(f"-- {mode} page cache (best of {len(runs['cp'])})")
         for k in runs:
             ratio = best[k] / best["lmexpand"]
+            if k == "no-hash":
+                print(f"  {k:9s} {best[k]:7.2f} s  {r['out_gb'] / best[k]:5.2f} GB/s  peak RSS {peak[k]:7.0f} MiB"
+                      f"  (benchmark only: no shard sha256; the hashes cost {best['lmexpand'] - best[k]:+.2f} s)")
+                continue
             print(f"  {k:9s} {best[k]:7.2f} s  {r['out_gb'] / best[k]:5.2f} GB/s  peak RSS {peak[k]:7.0f} MiB"
                   + ("" if k == "lmexpand" else f"  lmexpand is {ratio:.2f}x faster" if ratio >= 1 else f"  lmexpand takes {1 / ratio:.2f}x"))
         print(f"  target: lmexpand <= 1.3x cp: {best['lmexpand'] / best['cp']:.2f}x "

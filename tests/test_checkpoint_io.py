@@ -138,11 +138,11 @@ def test_disk_full_during_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(fd, data)
 
-    def failing_copy(src_fd, dst_fd, offset, count):
+    def failing_copy(src_fd, dst_fd, offset, count, *rest):
         written["n"] += 1
         if written["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_copy(src_fd, dst_fd, offset, count)
+        real_copy(src_fd, dst_fd, offset, count, *rest)
 
     monkeypatch.setattr(writer_mod, "_write_all", failing_write)
     monkeypatch.setattr(writer_mod, "_copy_range", failing_copy)
@@ -259,3 +259,49 @@ def test_writer_fsyncs_and_renames_into_place(tiny_llama, tmp_path, monkeypatch)
     copy_checkpoint(CheckpointReader(tiny_llama), tmp_path / "out")
     assert "model.safetensors" in seen["files"] and "config.json" in seen["files"]
     assert seen["target_existed"] is False
+
+
+def test_shards_are_balanced_and_within_the_limit():
+    from lmexpand.checkpoint.safetensors_format import TensorSlot
+    from lmexpand.checkpoint.writer import plan_shards
+
+    def sizes(shards):
+        return [sum(s.nbytes for s in shard) for shard in shards]
+
+    same = [TensorSlot(f"t{i}", "U8", (100,)) for i in range(10)]
+    shards = plan_shards(same, 400)  # greedy filling: 400 + 400 + 200
+    assert sizes(shards) == [300, 400, 300] or sorted(sizes(shards)) == [300, 300, 400]
+    assert [s.name for shard in shards for s in shard] == [s.name for s in same]  # order kept
+    mixed = [TensorSlot("a", "U8", (700,)), *[TensorSlot(f"b{i}", "U8", (50,)) for i in range(8)],
+             TensorSlot("c", "U8", (900,))]
+    shards = plan_shards(mixed, 500)
+    assert all(len(sh) == 1 or sz <= 500 for sh, sz in zip(shards, sizes(shards)))
+    assert sum(sizes(shards)) == 2000 and [s.name for sh in shards for s in sh] == [s.name for s in mixed]
+    assert len(plan_shards(same, 10**9)) == 1 and plan_shards([], 10) == [[]]
+
+
+def test_recorded_hashes_are_the_files_sha256_for_every_kind_of_tensor(tiny_llama, tmp_path):
+    """Raw copies, holes and computed tensors, over several shards hashed in parallel from the
+    plan's bytes: each recorded sha256 is what sha256sum prints for the finished file."""
+    from lmexpand.checkpoint.safetensors_format import TensorSlot
+    from lmexpand.checkpoint.writer import Computed, OutputTensor, RawCopy, Zeros, sha256_file, write_checkpoint
+
+    reader = CheckpointReader(tiny_llama)
+    tensors = []
+    for i, t in enumerate(reader):
+        slot = TensorSlot(t.name, t.dtype, tuple(t.shape))
+        kind = i % 3
+        producer = RawCopy(t) if kind == 0 else Zeros() if kind == 1 else \
+            Computed(lambda name=t.name: reader.get_tensor(name) * 2)
+        tensors.append(OutputTensor(slot, producer))
+    lineage = json.dumps({"lmexpand_version": "test"}).encode()
+    out = write_checkpoint(tmp_path / "out", tensors, files={"lmexpand.json": lineage,
+                                                             "config.json": tiny_llama / "config.json"},
+                           max_shard_size=60_000, sources=[tiny_llama])
+    shards = json.loads((out / "lmexpand.json").read_text())["shards"]
+    assert len(shards) >= 3 and set(shards) == {p.name for p in out.glob("*.safetensors")}
+    for name, rec in shards.items():
+        assert rec == {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        first = next(iter(f.keys()))
+        assert f.get_tensor(first).shape == reader.get_tensor(first).shape

@@ -4,7 +4,8 @@ Checkpoints hold one tensor per expert (``experts.3.w1.weight``, ``experts.3.gat
 while transformers v5 models hold the experts of a layer fused (``mlp.experts.gate_up_proj``
 [E, 2I, H], gate rows first; ``mlp.experts.down_proj`` [E, H, I]); v5's Mixtral also names
 its router ``mlp.gate`` where the files say ``block_sparse_moe.gate``. :func:`param_name` maps
-a saved name to its parameter and the piece of it, :func:`piece_of` cuts that piece out.
+a saved name to its parameter and the piece of it, :func:`piece_of` cuts that piece out
+(:func:`piece_shape`: its shape).
 ``verify`` (structure against the config), training (which parameters are new) and the export
 of trained models (written back per expert) all read the layout from here, and training's
 router monitor and eval's expert load read routers with :func:`is_router` and
@@ -48,6 +49,15 @@ def piece_of(value: "torch.Tensor", piece: tuple[str, int] | None) -> "torch.Ten
         return value[e]
     half = value.shape[1] // 2
     return value[e, :half] if kind == "gate" else value[e, half:]
+
+
+def piece_shape(shape: tuple[int, ...], piece: tuple[str, int] | None) -> tuple[int, ...]:
+    """The shape of :func:`piece_of` a tensor of ``shape``, without a tensor (or torch)."""
+    if piece is None:
+        return tuple(shape)
+    if piece[0] == "down":
+        return tuple(shape[1:])
+    return (shape[1] // 2, *shape[2:])
 
 
 def is_router_weight(param_name: str) -> bool:

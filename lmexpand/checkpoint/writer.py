@@ -13,9 +13,12 @@ Output goes into a temporary directory beside the target, every file is fsynced,
 directory is renamed into place only when complete: a crash or a full disk never leaves a
 target that looks complete but is not.
 
-Every shard's sha256 is computed while it is written, by a thread that reads the new file
-just behind the writer (from the page cache; the copy itself stays in the kernel), and
-recorded in ``lmexpand.json`` under ``"shards"`` when the output has one.
+Every shard's sha256 is computed while the shards are written, from the bytes the plan puts
+in them (source ranges read from the page cache, holes as zeros, computed tensors read back
+once written), by one thread per shard, as many at a time as there are cores, and recorded
+in ``lmexpand.json`` under ``"shards"`` when the output has one. The disk writeback of each
+shard is started as it grows (``sync_file_range``), so the final fsync is short and the
+copy never stalls on a page cache full of dirty pages.
 """
 
 from __future__ import annotations
@@ -91,17 +94,20 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[n:]
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position."""
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int,
+                progress: Callable[[], None] = lambda: None) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position, calling
+    ``progress`` after every step of at most 64 MB (the hasher and the writeback follow)."""
     remaining = count
     io_fault(count)
     try:
         while remaining:
-            n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), offset)
+            n = os.copy_file_range(src_fd, dst_fd, min(remaining, _COPY_STEP), offset)
             if n == 0:
                 raise CheckpointError(f"source ended early while copying ({remaining} bytes missing)")
             offset += n
             remaining -= n
+            progress()
         return
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
@@ -113,23 +119,103 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         _write_all(dst_fd, data)
         offset += len(data)
         remaining -= len(data)
+        progress()
+
+
+_WRITE_BEHIND = 32 * 1024 * 1024
+_COPY_STEP = 64 * 1024 * 1024
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)``: start writing
+    a range back to disk without waiting for it. None where the system has none."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, count: int) -> None:
+        fn(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
+
+    return start
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _WriteBehind:
+    """Starts the disk writeback of each 32 MB a shard grows by, while the next bytes are
+    copied: the final fsync then waits for the last few MB instead of the whole shard, and
+    the page cache never fills with dirty pages (whose throttling stalls a copy of several
+    GB for seconds at a time, as it does ``cp``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.started = 0
+
+    def advance(self, upto: int) -> None:
+        if _sync_file_range is not None and upto - self.started >= _WRITE_BEHIND:
+            _sync_file_range(self.fd, self.started, upto - self.started)
+            self.started = upto
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of a shard's bytes, as the plan defines them: ``kind`` is 'bytes' (``data``:
+    the header), 'source' (``length`` bytes of ``path`` from ``offset``: a raw copy), 'zeros'
+    (a hole) or 'output' (a computed tensor: read back from the shard once written)."""
+
+    kind: str
+    length: int
+    data: bytes = b""
+    path: Path | None = None
+    offset: int = 0
+
+
+def shard_segments(header: bytes, slots: Sequence[TensorSlot], producers: Mapping[str, Producer]) -> list[_Segment]:
+    segments = [_Segment("bytes", len(header), data=header)]
+    for slot in slots:
+        producer = producers[slot.name]
+        if isinstance(producer, RawCopy) and producer.info.offset >= 0:
+            segments.append(_Segment("source", slot.nbytes, path=producer.info.file, offset=producer.info.offset))
+        elif isinstance(producer, Zeros):
+            segments.append(_Segment("zeros", slot.nbytes))
+        else:
+            segments.append(_Segment("output", slot.nbytes))
+    return segments
+
+
+_ZEROS = bytes(256 * 1024)
 
 
 class _ShardHasher:
-    """sha256 of a file being written, by a thread reading just behind the writer.
+    """sha256 of a shard, computed from the bytes the plan puts in it, by a thread of its
+    own that starts at once, not behind the writer: raw-copied ranges are read from the
+    source (page cache), holes hashed as zeros, the header from memory, and only computed
+    tensors read back from the shard once the writer has written them (:meth:`advance`).
+    Every shard's hasher runs beside the copy, up to ``gate`` of them at a time (one per
+    core). The digest is what ``sha256sum`` prints for the finished file, which
+    ``lmexpand verify`` recomputes from the file itself.
 
-    The writer calls :meth:`advance` with the length written so far (never past a hole
-    that no later write has closed), :meth:`close` with the final size, and
-    :meth:`finish` for the digest.
+    The writer calls :meth:`advance` with the length written so far, :meth:`close` with
+    the final size, and :meth:`finish` for the digest (or :meth:`abandon`).
     """
 
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
+    def __init__(self, path: Path, segments: Sequence[_Segment], gate: threading.Semaphore) -> None:
+        self._path = path
+        self._segments = list(segments)
+        self._gate = gate
         self._sha = hashlib.sha256()
-        self._done = 0
         self._target = 0
         self._closed = False
+        self._abandoned = False
         self.size = 0
+        self._expected = sum(s.length for s in self._segments)
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lmexpand-sha256", daemon=True)
@@ -140,25 +226,60 @@ class _ShardHasher:
             self._target = max(self._target, upto)
             self._cond.notify()
 
+    def _wait_written(self, upto: int) -> bool:
+        with self._cond:
+            while self._target < upto and not self._closed and not self._abandoned:
+                self._cond.wait()
+            return not self._abandoned
+
+    def _read(self, fd: int, offset: int, length: int, view: memoryview, what: str) -> None:
+        end = offset + length
+        while offset < end and not self._abandoned:
+            n = os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
+            if n == 0:
+                raise CheckpointError(f"{what} ended early while its bytes were being hashed")
+            self._sha.update(view[:n])
+            offset += n
+
     def _run(self) -> None:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
+        fds: dict[Path, int] = {}
         try:
-            while True:
-                with self._cond:
-                    while self._target <= self._done and not self._closed:
-                        self._cond.wait()
-                    upto, closed = self._target, self._closed
-                while self._done < upto:
-                    n = os.preadv(self._fd, [view[: min(_HASH_CHUNK, upto - self._done)]], self._done)
-                    if n == 0:
-                        raise CheckpointError("a shard got shorter while it was being hashed")
-                    self._sha.update(view[:n])
-                    self._done += n
-                if closed and self._done >= self._target:
+            while not self._gate.acquire(timeout=0.1):
+                if self._abandoned:
                     return
+            try:
+                view = memoryview(bytearray(_HASH_CHUNK))
+                pos = 0
+                for seg in self._segments:
+                    if self._abandoned:
+                        return
+                    if seg.kind == "bytes":
+                        self._sha.update(seg.data)
+                    elif seg.kind == "zeros":
+                        left = seg.length
+                        while left and not self._abandoned:
+                            step = min(left, len(_ZEROS))
+                            self._sha.update(_ZEROS[:step])
+                            left -= step
+                    else:
+                        if seg.kind == "source":
+                            assert seg.path is not None
+                            path, offset, what = seg.path, seg.offset, f"the source {seg.path}"
+                        else:
+                            if not self._wait_written(pos + seg.length):
+                                return
+                            path, offset, what = self._path, pos, f"the shard {self._path.name}"
+                        if path not in fds:
+                            fds[path] = os.open(path, os.O_RDONLY)
+                        self._read(fds[path], offset, seg.length, view, what)
+                    pos += seg.length
+            finally:
+                self._gate.release()
         except BaseException as e:  # reported by finish()
             self._error = e
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def close(self, size: int) -> None:
         """The file is complete at ``size`` bytes; hashing goes on in the background."""
@@ -171,21 +292,40 @@ class _ShardHasher:
     def finish(self) -> str:
         """Wait for the digest (after :meth:`close`)."""
         self._thread.join()
-        os.close(self._fd)
         if self._error is not None:
             raise self._error
+        if self.size != self._expected:
+            raise CheckpointError(f"{self._path.name}: {self.size:,} bytes written, the plan has {self._expected:,} "
+                                  "(a bug in the writer)")
         return self._sha.hexdigest()
 
     def abandon(self) -> None:
         with self._cond:
-            self._target = self._done
-            self._closed = True
+            self._abandoned = True
             self._cond.notify()
         self._thread.join()
-        os.close(self._fd)
 
 
-_HASH_CHUNK = 8 * 1024 * 1024
+class _NoHash:
+    """bench/surgery.py's measure of the hashes' cost (LMEXPAND_BENCH_NO_HASH=1, not a user
+    option): no shard is recorded, as in a directory lmexpand did not write."""
+
+    size = 0
+
+    def advance(self, upto: int) -> None:
+        pass
+
+    def close(self, size: int) -> None:
+        self.size = size
+
+    def finish(self) -> str:
+        return ""
+
+    def abandon(self) -> None:
+        pass
+
+
+_HASH_CHUNK = 256 * 1024  # hashed while in L2: 5 % faster than 8 MB reads here
 
 
 def sha256_file(path: Path) -> str:
@@ -306,16 +446,30 @@ def clean_stale_partials(target: Path) -> None:
 
 # -- sharding -------------------------------------------------------------------------------
 def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int) -> list[list[TensorSlot]]:
-    """Greedy in order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[TensorSlot]] = [[]]
+    """In order, into as few shards as greedy filling to ``max_shard_size`` gives, of sizes
+    as equal as the tensors allow (a tensor larger than the limit gets a shard of its own):
+    equal shards hash in parallel on as many cores as there are shards, where greedy
+    filling leaves a small last shard and one long hash."""
+    greedy: list[list[TensorSlot]] = [[]]
     size = 0
     for slot in slots:
-        if shards[-1] and size + slot.nbytes > max_shard_size:
-            shards.append([])
+        if greedy[-1] and size + slot.nbytes > max_shard_size:
+            greedy.append([])
             size = 0
-        shards[-1].append(slot)
+        greedy[-1].append(slot)
         size += slot.nbytes
-    return [alignment_order(s) for s in shards if s] or [[]]
+    n = len(greedy)
+    if n > 1:
+        target = sum(s.nbytes for s in slots) / n
+        balanced: list[list[TensorSlot]] = [[] for _ in range(n)]
+        start = 0
+        for slot in slots:  # each tensor goes to the shard its middle byte falls in
+            balanced[min(n - 1, int((start + slot.nbytes / 2) // target))].append(slot)
+            start += slot.nbytes
+        balanced = [b for b in balanced if b]
+        if len(balanced) == n and all(len(b) == 1 or sum(s.nbytes for s in b) <= max_shard_size for b in balanced):
+            greedy = balanced
+    return [alignment_order(s) for s in greedy if s] or [[]]
 
 
 def shard_names(n: int) -> list[str]:
@@ -358,13 +512,17 @@ def _tensor_bytes(out: OutputTensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Producer],
-                 metadata: Mapping[str, str], sources: _SourceFiles, advance: Callable[[int], None]) -> "_ShardHasher":
-    """Write one shard; returns its hasher, still finishing in the background (the next
-    shard's writing overlaps the tail of this one's hash)."""
-    header, _ = encode_header(slots, metadata)
+def _write_shard(path: Path, header: bytes, slots: list[TensorSlot], producers: Mapping[str, Producer],
+                 sources: _SourceFiles, hasher: "_ShardHasher | _NoHash", advance: Callable[[int], None]) -> None:
+    """Write one shard (``header`` first); ``hasher`` follows it and finishes in the background."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    hasher = _ShardHasher(path)
+    behind = _WriteBehind(fd)
+
+    def written() -> None:  # the file is complete up to the current position
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        hasher.advance(pos)
+        behind.advance(pos)
+
     try:
         _write_all(fd, header)
         hasher.advance(len(header))
@@ -376,14 +534,13 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
                     raise CheckpointError(f"{slot.name}: a pickle source has no byte range to copy (a bug in the plan)")
                 if info.nbytes != slot.nbytes or info.dtype != slot.dtype:
                     raise CheckpointError(f"{slot.name}: raw copy of {info.name} does not match the output slot")
-                _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes)
-                hasher.advance(os.lseek(fd, 0, os.SEEK_CUR))
+                _copy_range(sources.fd(info.file), fd, info.offset, info.nbytes, written)
             elif isinstance(producer, Zeros):
                 # a hole: reads as zeros, costs no write (the final ftruncate fixes the length)
                 os.lseek(fd, slot.nbytes, os.SEEK_CUR)
             else:
                 _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
-                hasher.advance(os.lseek(fd, 0, os.SEEK_CUR))
+                written()
             advance(slot.nbytes)
             if i == len(slots) // 2:
                 kill_point(f"write:mid-shard:{path.name}")
@@ -391,11 +548,7 @@ def _write_shard(path: Path, slots: list[TensorSlot], producers: Mapping[str, Pr
         os.ftruncate(fd, size)
         os.fsync(fd)
         hasher.close(size)
-        done, hasher = hasher, None
-        return done
     finally:
-        if hasher is not None:
-            hasher.abandon()
         os.close(fd)
 
 
@@ -453,24 +606,25 @@ def write_checkpoint(
     try:
         tmp.mkdir()
         digests: dict[str, dict[str, object]] = {}
-        pending: list[tuple[str, _ShardHasher]] = []
-        max_pending = max(1, (os.cpu_count() or 2) - 1)
-
-        def collect(keep: int) -> None:
-            while len(pending) > keep:
-                name, hasher = pending.pop(0)
-                digests[name] = {"sha256": hasher.finish(), "bytes": hasher.size}
-
+        headers = [encode_header(slots, meta)[0] for slots in shards]
+        gate = threading.Semaphore(max(1, os.cpu_count() or 1))  # hashers at a time: one per core
+        no_hash = os.environ.get("LMEXPAND_BENCH_NO_HASH") == "1"
+        hashers: list[_ShardHasher | _NoHash] = []
         try:
+            for filename, header, slots in zip(filenames, headers, shards):
+                hashers.append(_NoHash() if no_hash else
+                               _ShardHasher(tmp / filename, shard_segments(header, slots, producers), gate))
             with byte_progress(total, description) as advance:
-                for filename, slots in zip(filenames, shards):
-                    pending.append((filename, _write_shard(tmp / filename, slots, producers, meta, src_files,
-                                                           advance)))
-                    collect(max_pending)
+                for filename, header, slots, hasher in zip(filenames, headers, shards, hashers):
+                    _write_shard(tmp / filename, header, slots, producers, src_files, hasher, advance)
                     kill_point(f"write:after-shard:{filename}")
-            collect(0)
+            for filename, hasher in zip(filenames, hashers):
+                digest = hasher.finish()
+                if digest:  # (none under the benchmark's no-hash switch: nothing recorded)
+                    digests[filename] = {"sha256": digest, "bytes": hasher.size}
+            hashers = []
         finally:
-            for _, hasher in pending:
+            for hasher in hashers:
                 hasher.abandon()
         if isinstance(files.get(LINEAGE_FILE), bytes):
             lineage = json.loads(files[LINEAGE_FILE])
