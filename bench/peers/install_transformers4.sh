@@ -9,11 +9,7 @@ T4=bench/.peers/transformers4
 if [ -x "$T4/bin/python" ] && "$T4/bin/python" -c "import transformers, torch; assert transformers.__version__.startswith('4.57')" 2>/dev/null; then
   echo "transformers 4.57 already installed"; exit 0
 fi
-[ -x .venv/bin/python ] || { echo "run make setup first (.venv is reused for torch)" >&2; exit 1; }
-rm -rf "$T4"
-python3 -m venv "$T4"
-site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-own=$("$T4/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$(cd "$site" && pwd)" > "$own/lmexpand-venv.pth"
+. bench/peers/_venv.sh
+venv_over_project "$T4"
 "$T4/bin/pip" install -q "transformers==4.57.*" "huggingface_hub<1.0" "tokenizers<0.23" safetensors
 "$T4/bin/python" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
