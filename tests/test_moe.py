@@ -166,9 +166,11 @@ def test_source_already_moe(tiny_llama, tmp_path, capsys):
 @pytest.mark.parametrize("args", [["--experts", "4", "--top-k", "2"], ["--segments", "8", "--shared", "2", "--replicas", "2"]])
 def test_smollm2_exact(smollm2, tmp_path, capsys, args):
     """SmolLM2 (30 layers, logits up to ~35): in fp64 the upcycled model equals the dense one
-    exactly; in fp32 the difference is rounding, below the dense model's own fp32 error
-    against fp64 (measured here: 6.8e-5; the fine-grained split sums segments in another
-    order: 4.2e-5, above the 1e-5 that holds on the tiny models)."""
+    exactly; in fp32 the difference is rounding: the upcycled model's own fp32 error against
+    the fp64 reference is of the size of the dense model's (at most twice it). The
+    fine-grained split sums segments in another order, so its fp32 logits differ from the
+    dense fp32 ones by 4.2e-5 on one machine and 6.9e-5 on another, where the dense model's
+    own fp32 error was 6.8e-5 and 5.5e-5: the same rounding, compared directly below."""
     from tests.test_llama_pro import padded_batch
 
     out = tmp_path / "moe"
@@ -185,10 +187,13 @@ def test_smollm2_exact(smollm2, tmp_path, capsys, args):
         del m64, d64
         d32 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
         dense_rounding = (d32(input_ids=ids, attention_mask=mask).logits.double() - ref).abs().max().item()
-    print(f"SmolLM2 {' '.join(args)}: max |dlogit| fp32 = {delta:.3g}, fp64 = {delta64:.3g}; "
-          f"the dense model's own fp32-vs-fp64 error = {dense_rounding:.3g}")
+        del d32
+        m32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()
+        moe_rounding = (m32(input_ids=ids, attention_mask=mask).logits.double() - ref).abs().max().item()
+    print(f"SmolLM2 {' '.join(args)}: max |dlogit| fp32 = {delta:.3g}, fp64 = {delta64:.3g}; fp32-vs-fp64 error: "
+          f"dense {dense_rounding:.3g}, upcycled {moe_rounding:.3g}")
     assert delta64 <= 1e-10
-    assert delta <= dense_rounding
+    assert moe_rounding <= 2 * dense_rounding
 
 
 # -- training: balancing, gradients, written back per expert ---------------------------------
