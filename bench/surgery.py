@@ -88,7 +88,7 @@ def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ours, ref = work / "lmexpand", work / "cp-ref"
-    lmexpand = [PY, "-m", "lmexpand", "-q", "surgery", method, str(src), str(ours)]  # [7] is the output
+    lmexpand = [PY, "-m", "lmexpand", "-q", "surgery", method, str(src), str(ours)]
     mergekit_flags: list[str] = []
     if method == "llama-pro":
         positions = list(range(3, num_layers, 4))
@@ -119,7 +119,7 @@ def run_size(method: str, size: str, repeat: int, cold: bool) -> dict:
     shutil.rmtree(ours)
     cmds = {"cp": ["cp", "-r", str(ref), str(work / "cp-out")], "lmexpand": cmds["lmexpand"],
             # the same surgery without the shard hashes (a benchmark-only switch, to show their cost)
-            "no-hash": [*cmds["lmexpand"][:7], str(work / "nohash"), *cmds["lmexpand"][8:]],
+            "no-hash": [str(work / "nohash") if a == str(ours) else a for a in cmds["lmexpand"]],
             **{k: v for k, v in cmds.items() if k != "lmexpand"}}
     envs = {"no-hash": {"LMEXPAND_BENCH_NO_HASH": "1"}}
     outputs = {"cp": work / "cp-out", "lmexpand": ours, "no-hash": work / "nohash", "naive": work / "naive",

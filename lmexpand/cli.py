@@ -601,7 +601,7 @@ def _train_config_from_cli(kw: dict):
 @click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness TASKS (comma-separated; needs the lm-eval extra; offline: local task data or --lm-eval-include).")
 @click.option("--lm-eval-include", default=None, help="Directory of task YAML files for --lm-eval (local tasks).")
 @click.option("--lm-eval-limit", type=float, default=None, help="Documents per --lm-eval task (a fraction if below 1).")
-@click.option("--lm-eval-batch-size", default="1", show_default=True, help="Batch size for --lm-eval (a number or 'auto').")
+@click.option("--lm-eval-batch-size", default=None, help="Batch size for --lm-eval (a number or 'auto')  [default: 1]")
 @click.option("--lm-eval-fewshot", type=int, default=None, help="Few-shot examples for --lm-eval  [default: each task's own]")
 @click.option("--lm-eval-device", default=None, help="Device for --lm-eval: cpu, cuda, cuda:N  [default: cuda if available, else cpu]")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
@@ -640,8 +640,8 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
 
         harness = LmEvalSettings.parse(lm_eval_tasks, include=lm_eval_include, limit=lm_eval_limit,
                                        batch_size=lm_eval_batch_size, device=lm_eval_device, num_fewshot=lm_eval_fewshot)
-    elif any(v is not None for v in (lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_device)) \
-            or lm_eval_batch_size != "1":
+    elif any(v is not None for v in (lm_eval_include, lm_eval_limit, lm_eval_batch_size, lm_eval_fewshot,
+                                      lm_eval_device)):
         raise ConfigError("the --lm-eval-* options set up lm-evaluation-harness: add --lm-eval TASKS "
                           "(e.g. --lm-eval hellaswag), or leave them out.")
     sets = [parse_text_set(d, template, text_field) for d in data]

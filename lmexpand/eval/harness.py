@@ -29,8 +29,6 @@ from typing import Any
 
 from lmexpand.errors import ConfigError
 
-log = logging.getLogger("lmexpand")
-
 _INSTALL = ("--lm-eval needs lm-evaluation-harness, which is not installed here: `pip install lm-eval` "
             "(or `pip install -e '.[lm-eval]'`). Or run the harness yourself on the model directory: "
             "lm_eval --model hf --model_args pretrained=MODEL_DIR --tasks TASKS")
@@ -51,7 +49,7 @@ class LmEvalSettings:
 
     @classmethod
     def parse(cls, tasks: str, *, include: str | None = None, limit: float | None = None,
-              batch_size: str = "1", device: str | None = None, num_fewshot: int | None = None) -> "LmEvalSettings":
+              batch_size: str | None = None, device: str | None = None, num_fewshot: int | None = None) -> "LmEvalSettings":
         names = tuple(t.strip() for t in tasks.split(",") if t.strip())
         if not names:
             raise ConfigError(f"--lm-eval {tasks!r}: name at least one task, e.g. --lm-eval hellaswag,arc_easy.")
@@ -60,6 +58,7 @@ class LmEvalSettings:
                               "(e.g. 100) or a fraction below 1 (e.g. 0.1).")
         if limit is not None and limit >= 1 and limit != int(limit):
             raise ConfigError(f"--lm-eval-limit {limit}: a count of documents is a whole number (or a fraction below 1).")
+        batch_size = batch_size or "1"
         size: int | str = batch_size
         if batch_size != "auto":
             try:
@@ -114,10 +113,11 @@ def _device(settings: LmEvalSettings) -> str:
     return want
 
 
-def prepare_lm_eval(settings: LmEvalSettings) -> Any:
-    """Every check before the work; returns the harness's TaskManager (with the include dir)."""
+def prepare_lm_eval(settings: LmEvalSettings) -> tuple[Any, str]:
+    """Every check before the work; returns the harness's TaskManager (with the include dir)
+    and the device to run on."""
     _offline()
-    _device(settings)
+    device = _device(settings)
     try:
         from lm_eval.tasks import TaskManager, get_task_dict
     except ImportError:
@@ -152,18 +152,20 @@ def prepare_lm_eval(settings: LmEvalSettings) -> Any:
             "dataset in the local datasets cache (on a machine with internet: "
             "`python -c \"import datasets; datasets.load_dataset(PATH, NAME)\"`), or write the task as a local "
             "YAML whose data_files are local (--lm-eval-include DIR).") from None
-    return manager
+    return manager, device
 
 
-def run_lm_eval(model: Any, tokenizer: Any, settings: LmEvalSettings, manager: Any, out: Path) -> dict[str, Any]:
-    """Run the harness on ``model`` (already loaded, in eval mode). Writes ``out/lm_eval.json``
-    (the harness's results, configs and versions) and returns the per-task metrics."""
+def run_lm_eval(model: Any, tokenizer: Any, settings: LmEvalSettings, prepared: tuple[Any, str],
+                out: Path) -> dict[str, Any]:
+    """Run the harness on ``model`` (already loaded, in eval mode) with what
+    :func:`prepare_lm_eval` returned. Writes ``out/lm_eval.json`` (the harness's results,
+    configs and versions) and returns the per-task metrics."""
     from importlib.metadata import version
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    device = _device(settings)
+    manager, device = prepared
     moved_from = next(model.parameters()).device
     model.to(device)
     try:

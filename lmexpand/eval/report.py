@@ -135,11 +135,11 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
     rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
     rows.append(("model", model_dir))
     tokenizers = _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)  # loaded once, used below
-    harness = None
+    prepared = None
     if lm_eval is not None:
         from lmexpand.eval.harness import prepare_lm_eval
 
-        harness = prepare_lm_eval(lm_eval)  # tasks, data and device checked before any scoring
+        prepared = prepare_lm_eval(lm_eval)  # tasks, data and device checked before any scoring
 
     results: dict[str, Any] = {
         "model": str(model_dir), "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "stride": stride},
@@ -188,7 +188,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
     if lm_eval is not None:
         from lmexpand.eval.harness import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(loaded["model"], model_tokenizer, lm_eval, harness, out)
+        results["lm_eval"] = run_lm_eval(loaded["model"], model_tokenizer, lm_eval, prepared, out)
     if metrics_path is not None:
         results["training_log"] = str(metrics_path)
     write_report(results, out, metrics_path)
