@@ -27,6 +27,20 @@ TINY_FAMILIES = {
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
+    # sliding windows shorter than the test sequences, so sliding and global layers differ
+    "gemma2": ("Gemma2Config", dict(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                    attention_bias=True)),
+    "gemma3_text": ("Gemma3TextConfig", dict(tie_word_embeddings=False, head_dim=16, query_pre_attn_scalar=16,
+                                             sliding_window=8, final_logit_softcapping=20.0,
+                                             layer_types=["sliding_attention", "full_attention"] * 2)),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False, attention_bias=True)),
+    "olmo3": ("Olmo3Config", dict(tie_word_embeddings=True, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)),
+    "granite": ("GraniteConfig", dict(tie_word_embeddings=True, attention_bias=True, embedding_multiplier=12.0,
+                                      residual_multiplier=0.22, attention_multiplier=0.25, logits_scaling=8.0)),
+    "starcoder2": ("Starcoder2Config", dict(tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3Config", dict(tie_word_embeddings=False, no_rope_layers=[1, 1, 0, 1])),
 }
 
 

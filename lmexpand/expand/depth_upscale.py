@@ -11,7 +11,8 @@ Depth up-scaling is NOT function-preserving: at the seam the hidden state leaves
 ``n - m - 1`` and enters layer ``m``, which was trained to see the output of layer
 ``m - 1``. The paper reports an initial drop that continued pretraining recovers quickly.
 ``seam_scale`` multiplies the residual-branch outputs (``o_proj`` and ``down_proj``,
-weights and biases) of the ``seam_layers`` layers on each side of every seam by a factor,
+weights and biases; a post-norm's scale in families whose branches end in one, see
+``Family.branch_ends``) of the ``seam_layers`` layers on each side of every seam by a factor,
 so those layers add less to the residual stream and the jump is softer. It is a heuristic
 from depth-up-scaling practice, off by default.
 """
@@ -85,8 +86,8 @@ class UpscaleConfig(MethodConfig):
     )
     seam_scale: float | None = Field(
         None, ge=0,
-        description="Multiply o_proj/down_proj (weights and biases) of the layers next to each seam "
-        "by this factor to soften the jump. Off by default.",
+        description="Multiply what the layers next to each seam add to the residual stream (o_proj/down_proj "
+        "weights and biases, or the post-norm's scale) by this factor to soften the jump. Off by default.",
     )
     seam_layers: int = Field(1, gt=0, description="With --seam-scale: how many layers on each side of a seam.")
 
@@ -287,8 +288,9 @@ def plan_upscale(readers: Sequence[CheckpointReader], cfg: UpscaleConfig) -> Pla
             _, relative = family.split_layer_name(t.name)  # type: ignore[misc]
             name = family.layer_name(out_layer, relative)
             op: Op = Read(t.name, m.index)
-            if out_layer in seams and any(relative.startswith(p + ".") for p in family.output_projections):
-                op = Scale(op, cfg.seam_scale)  # type: ignore[arg-type]
+            offset = family.branch_end_offset(relative) if out_layer in seams else None
+            if offset is not None:  # scales what the branch adds (a post-norm's scale about its zero point)
+                op = Scale(op, cfg.seam_scale, offset)  # type: ignore[arg-type]
             tensors.append(TensorPlan(name, base_dtype.get(family.layer_name(0, relative), t.dtype), t.shape, op))
     tensors += [TensorPlan(t.name, t.dtype, t.shape, Read(t.name, base.index)) for t in non_layer if t.name != family.embed]
 
@@ -302,7 +304,7 @@ def plan_upscale(readers: Sequence[CheckpointReader], cfg: UpscaleConfig) -> Pla
         "(the hidden state skips to a layer trained on another depth); continued pretraining recovers it"
     )
     if seams:
-        notes.append(f"seam scale {cfg.seam_scale:g} on o_proj/down_proj of output layers {sorted(seams)}")
+        notes.append(f"seam scale {cfg.seam_scale:g} on {'/'.join(family.branch_ends)} of output layers {sorted(seams)}")
     if cfg.trainable == ["duplicated"] and not duplicated:
         raise ConfigError("--trainable duplicated: no layer appears twice in these slices, so nothing would train. "
                           "Use --trainable all or globs.")

@@ -5,7 +5,10 @@ P copies of the group's last block whose *output* linear layers -- attention ``o
 MLP ``down_proj`` -- are set to zero. A pre-norm block computes ``h + attn(norm(h))`` and
 then ``h + mlp(norm(h))``; with both output projections zero (and their biases, if any) each
 residual branch adds exactly 0, so the new block is the identity and the expanded model
-computes exactly what the source did, in any precision. Only the new blocks train
+computes exactly what the source did, in any precision. Families whose branches end in a
+post-norm (Gemma, OLMo-2: ``h + norm(attn(h))``) get that norm's scale zeroed instead (weight
+0, or -1 for Gemma's ``(1 + w)``), the projections copied; which tensors end a branch is
+family data (``Family.branch_ends``). Only the new blocks train
 (Section 3.2), so the original weights -- and what they know -- stay untouched.
 
 Paper setting: LLaMA-2-7B, N = 8 groups of 4 blocks, P = 1 -> 40 blocks.
@@ -20,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from lmexpand.checkpoint.limits import MAX_LAYERS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
-from lmexpand.expand.plan import Plan, Read, TensorPlan, Zeros, remap_layers
+from lmexpand.expand.plan import NewInit, Op, Plan, Read, TensorPlan, Zeros, remap_layers
 from lmexpand.expand.registry import MethodConfig, register_method
 
 
@@ -148,9 +151,13 @@ def plan_llama_pro(readers: Sequence[CheckpointReader], cfg: LlamaProConfig) -> 
         layer_sources.append(layer)
         insert_copies(layer)
 
-    def zero_init(relative: str) -> bool:
-        # the output projections' weight and bias: the residual branch then adds exactly 0
-        return any(relative.startswith(proj + ".") for proj in family.output_projections)
+    def identity_op(relative: str) -> Op | None:
+        # what ends each residual branch (output projection, or post-norm) outputs exactly 0:
+        # the branch adds exactly 0 (families.py says which tensors and the norm's zero point)
+        offset = family.branch_end_offset(relative)
+        if offset is None:
+            return None
+        return Zeros() if offset == 0 else NewInit(0.0, 0, mean=-offset)
 
     tensors: list[TensorPlan] = []
     new_parameters: list[str] = []
@@ -161,7 +168,7 @@ def plan_llama_pro(readers: Sequence[CheckpointReader], cfg: LlamaProConfig) -> 
         for t in reader.layer_tensors(src_layer):
             _, relative = family.split_layer_name(t.name)  # type: ignore[misc]
             name = family.layer_name(out_layer, relative)
-            op = Zeros() if is_new and zero_init(relative) else Read(t.name)
+            op = (identity_op(relative) if is_new else None) or Read(t.name)
             tensors.append(TensorPlan(name, t.dtype, t.shape, op))
             if is_new:
                 new_parameters.append(name)

@@ -116,19 +116,26 @@ class Stack:
 
 @dataclass(frozen=True)
 class Scale:
-    """``input * factor``, computed in float32 and cast back to the output dtype."""
+    """``input * factor``, computed in float32 and cast back to the output dtype; with an
+    ``offset``, ``(input + offset) * factor - offset`` (the weight of a norm that computes
+    ``x_hat * (offset + w)``, e.g. Gemma's ``1 + w``: its output scales by ``factor``)."""
 
     input: "Op"
     factor: float
+    offset: float = 0.0
 
     def compute(self, get: TensorGetter, shape: tuple[int, ...], dtype: str) -> "torch.Tensor":
         t = self.input.compute(get, shape, dtype)
+        if self.offset:
+            return ((t.float() + self.offset) * self.factor - self.offset).to(t.dtype)
         return (t.float() * self.factor).to(t.dtype)
 
     def reads(self) -> list[tuple[int, str]]:
         return self.input.reads()
 
     def describe(self) -> str:
+        if self.offset:
+            return f"({self.input.describe()} + {self.offset:g}) * {self.factor:g} - {self.offset:g}"
         return f"{self.input.describe()} * {self.factor:g}"
 
 
