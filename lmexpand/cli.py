@@ -494,9 +494,10 @@ class _LazyParamsCommand(click.Command):
 
 @cli.command(cls=_LazyParamsCommand, params_factory=_train_config_params, context_settings=_CONTEXT)
 @click.option("--model", "model", help="Expanded model directory (with lmexpand.json), or an embedded name.")
-@click.option("--data", "data", multiple=True, help="Training file (.txt or .jsonl); repeat for several.")
-@click.option("--text-field", default=None, help="JSONL field with the text  [default: text]")
-@click.option("--template", default=None, help="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}'.")
+@click.option("--data", "data", multiple=True, help="Training data: .txt, .jsonl, .parquet, .arrow, .csv or a datasets.save_to_disk directory; repeat for several; FILE:WEIGHT for a weighted mixture (math.jsonl:0.7).")
+@click.option("--text-field", default=None, help="Field (column) with the text  [default: text]")
+@click.option("--template", default=None, help="Template over fields, e.g. 'Question: {question}\\nAnswer: {answer}'.")
+@click.option("--chat", type=click.Choice(["auto", "messages", "alpaca", "sharegpt"]), default=None, help="Records are conversations, rendered with the chat template; loss on assistant turns only.")
 @click.option("--loss-from", default=None, help="Train only on what follows this text in each document (e.g. 'Answer:'); the prompt is context.")
 @click.option("--out", "out", help="Run directory: metrics, checkpoints, and the final model in OUT/model.")
 @click.option("--trainable", default=None, help="new (default: lmexpand.json's new_parameters), all, none, or comma-separated globs.")
@@ -546,12 +547,13 @@ def _train_config_from_cli(kw: dict):
         style = "key"
     text_field, template, loss_from = kw.pop("text_field"), kw.pop("template"), kw.pop("loss_from")
     data = kw.pop("data")
+    chat = kw.pop("chat")
     if data:
-        values["data"] = [{"path": d} for d in data]
-    if text_field or template or loss_from:
+        values["data"] = [_data_argument(d) for d in data]
+    if text_field or template or loss_from or chat:
         values["data"] = [
             {**d, **({"field": text_field} if text_field else {}), **({"template": template} if template else {}),
-             **({"loss_from": loss_from} if loss_from else {})}
+             **({"loss_from": loss_from} if loss_from else {}), **({"chat": chat} if chat else {})}
             for d in values.get("data", [])
         ]
     for key in ("model", "out"):
@@ -580,12 +582,30 @@ def _train_config_from_cli(kw: dict):
         if required not in values:
             raise click.UsageError(f"missing --{required}")
     if "data" not in values:
-        raise click.UsageError("missing --data (a .txt or .jsonl training file)")
+        raise click.UsageError("missing --data (a .txt, .jsonl, .parquet, .arrow or .csv file, or a save_to_disk "
+                               "directory)")
     cfg = parse_train_config(values, style=style)
     return cfg, (Path(resume_from) if resume_from else resume), force
 
 
 # -- eval ---------------------------------------------------------------------------------
+def _data_argument(text: str) -> dict:
+    """--data FILE or FILE:WEIGHT (an existing file whose name ends in :NUMBER is a file)."""
+    import math
+    import re
+    from pathlib import Path
+
+    m = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan)", text)
+    if m is None or Path(text).exists():
+        return {"path": text}
+    weight = float(m.group(2))
+    if not (math.isfinite(weight) and weight > 0):
+        raise click.BadParameter(f"{text!r}: the mixture weight {m.group(2)} of {m.group(1)} is not a positive finite "
+                                 "number. Give e.g. --data math.jsonl:0.7 --data general.txt:0.3",
+                                 param_hint="--data")
+    return {"path": m.group(1), "weight": weight}
+
+
 @cli.command(name="eval", context_settings=_CONTEXT)
 @click.argument("model")
 @click.option("--data", "data", multiple=True, required=True, help="NAME=FILE (.txt or .jsonl) to score; repeat.")

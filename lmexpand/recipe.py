@@ -119,7 +119,9 @@ class RecipeFile(_Section):
     name: str | None = None
     workdir: str = Field("out", description="stage outputs go here unless a section names its own out")
     surgery: SurgerySection | None = None
-    train: dict[str, Any] | None = None
+    train: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None, description="one training stage, or a list of stages run in order (each trains the model the one "
+        "before it wrote: continued pretraining, then SFT)")
     eval: EvalSection | None = None
     export: ExportSection | None = None
 
@@ -132,7 +134,8 @@ class Job:
     workdir: Path
     surgery: tuple[Any, Any, str, Path] | None = None  # (method, config, source, out)
     surgery_allow_pickle: bool = False
-    train: Any = None  # TrainConfig
+    train: Any = None  # TrainConfig of the last training stage
+    train_stages: list = field(default_factory=list)  # every stage's TrainConfig, in order
     eval: EvalSection | None = None
     eval_out: Path | None = None
     export_out: Path | None = None
@@ -207,22 +210,29 @@ def load_job(path: Path) -> Job:
             sources_for_eval = sources
         produced, source_model = str(out), sources_for_eval[0]
     if recipe.train is not None:
-        values = dict(recipe.train)
-        for key in ("model", "out"):
-            if key in values:
-                values[key] = _resolve(base, values[key])
-        values.setdefault("model", produced)
-        values.setdefault("out", str(workdir / "train"))
-        if values["model"] is None:
-            raise ConfigError(f"{path}: train.model: required when the recipe has no surgery section.")
-        _resolve_data(base, values)
-        job.train = validate(TrainConfig, values, what=f"{path}: train", style="key")
-        if produced is None:
-            _must_exist(f"{path}: train.model", str(job.train.model))
-        for d in job.train.data:
-            _must_exist(f"{path}: train.data", str(d.path))
-        produced = str(job.train.out / "model")
-        source_model = source_model or str(job.train.model)
+        stages = recipe.train if isinstance(recipe.train, list) else [recipe.train]
+        if not stages:
+            raise ConfigError(f"{path}: train: an empty list. Give one stage (a mapping) or a list of stages.")
+        for i, stage in enumerate(stages):
+            key = _stage_key(i, len(stages))
+            values = dict(stage)
+            for k in ("model", "out"):
+                if k in values:
+                    values[k] = _resolve(base, values[k])
+            values.setdefault("model", produced)  # a later stage trains what the one before wrote
+            values.setdefault("out", str(workdir / ("train" if len(stages) == 1 else f"train-{i + 1}")))
+            if values["model"] is None:
+                raise ConfigError(f"{path}: {key}.model: required when the recipe has no surgery section.")
+            _resolve_data(base, values)
+            cfg = validate(TrainConfig, values, what=f"{path}: {key}", style="key")
+            if produced is None:
+                _must_exist(f"{path}: {key}.model", str(cfg.model))
+            for d in cfg.data:
+                _must_exist(f"{path}: {key}.data", str(d.path))
+            produced = str(cfg.out / "model")
+            source_model = source_model or str(cfg.model)
+            job.train_stages.append(cfg)
+        job.train = job.train_stages[-1]
     if recipe.eval is not None:
         ev = recipe.eval
         data = {k: _resolve(base, v) for k, v in ev.data.items()}
@@ -253,6 +263,11 @@ def _check_job(job: Job, source_model: str | None) -> None:
     from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.checkpoint.writer import check_output
     from lmexpand.train.data import check_sources
+def _stage_key(i: int, n: int) -> str:
+    """How messages and outputs name training stage i of n: `train`, or `train.1`, `train.2`, ..."""
+    return "train" if n == 1 else f"train.{i + 1}"
+
+
 
     where = str(job.path)
     if job.workdir.exists() and not job.workdir.is_dir():
@@ -263,11 +278,12 @@ def _check_job(job: Job, source_model: str | None) -> None:
         _, _, sources, out = job.surgery
         inputs += [("surgery.source", resolve_source(x)) for x in sources]
         outputs.append(("surgery.out", out, True))
-    if job.train is not None:
-        inputs += [("train.data", d.path) for d in job.train.data]
-        if job.surgery is None:
-            inputs.append(("train.model", resolve_source(job.train.model)))
-        outputs.append(("train.out", job.train.out, True))
+    n = len(job.train_stages)
+    for i, stage in enumerate(job.train_stages):
+        inputs += [(f"{_stage_key(i, n)}.data", d.path) for d in stage.data]
+        if job.surgery is None and i == 0:
+            inputs.append(("train.model", resolve_source(stage.model)))
+        outputs.append((f"{_stage_key(i, n)}.out", stage.out, True))
     if job.eval is not None:
         inputs += [(f"eval.data.{k}", Path(v)) for k, v in job.eval.data.items()]
         if job.eval.base:
@@ -278,13 +294,22 @@ def _check_job(job: Job, source_model: str | None) -> None:
     for i, (key, out, replaces) in enumerate(outputs):
         others = [(k, p) for j, (k, p, _) in enumerate(outputs) if j != i]
         check_output(out, inputs=[*inputs, *others], force=True, replaces=replaces, label=key, where=where)
-    if job.train is not None:
-        check_sources(job.train.data)
+    for stage in job.train_stages:
+        check_sources(stage.data)
     model = source_model if job.surgery is not None else (str(job.train.model) if job.train is not None else None)
     if model is not None:
         model_dir = resolve_source(model)
-        load_tokenizer(model_dir, what=f"{where}: the model")
-        seq_lens = [("train.seq_len", job.train.seq_len)] if job.train is not None else []
+        tokenizer = load_tokenizer(model_dir, what=f"{where}: the model")
+        seq_lens = []
+        for i, stage in enumerate(job.train_stages):
+            seq_lens.append((f"{_stage_key(i, n)}.seq_len", stage.seq_len))
+            if any(d.chat for d in stage.data):  # a model without a chat template, known now
+                from lmexpand.train.chat import resolve_chat_template
+
+                try:
+                    resolve_chat_template(tokenizer, stage.chat_template, model)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {_stage_key(i, n)}: {e}") from None
         seq_lens += [("eval.seq_len", job.eval.seq_len)] if job.eval is not None else []
         cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
         max_pos = cfg.get("max_position_embeddings")
@@ -374,28 +399,28 @@ def _run_stages(job: Job) -> dict[str, str]:
             _mark(job, "surgery", fp, out)
         outputs["surgery"], upstream = str(out), fp
         kill_point("run:after-surgery")
-    if job.train is not None:
+    for i, cfg in enumerate(job.train_stages):
         from lmexpand.train.data import fingerprint_sources
         from lmexpand.train.loop import train
 
-        cfg = job.train
+        stage = _stage_key(i, len(job.train_stages))
         model_fp = upstream or CheckpointReader(resolve_source(cfg.model)).fingerprint()["sha256"]
-        fp = _digest("train", cfg.model_dump(mode="json"), model_fp, fingerprint_sources(cfg.data))
+        fp = _digest("train", cfg.model_dump(mode="json"), model_fp, fingerprint_sources(cfg.data, cfg.chat_template))
         final = cfg.out / "model"
-        if _done(job, "train", fp, final):
-            log.info("train: up to date (%s), skipped", final)
+        if _done(job, stage, fp, final):
+            log.info("%s: up to date (%s), skipped", stage, final)
         else:
-            m = _marker(job, "train")
+            m = _marker(job, stage)
             started = m.is_file() and json.loads(m.read_text()).get("fingerprint") == fp
             from lmexpand.train.state import latest_checkpoint
 
             resume = started and latest_checkpoint(cfg.out) is not None
             if resume:
-                log.info("train: resuming the interrupted run in %s", cfg.out)
-            _mark(job, "train", fp, final, state="started")
+                log.info("%s: resuming the interrupted run in %s", stage, cfg.out)
+            _mark(job, stage, fp, final, state="started")
             train(cfg, resume=resume, force=not resume)
-            _mark(job, "train", fp, final)
-        outputs["train"], upstream = str(final), fp
+            _mark(job, stage, fp, final)
+        outputs[stage], upstream = str(final), fp
         kill_point("run:after-train")
     model_dir = Path(outputs.get("train") or outputs["surgery"])
     if job.eval is not None:
@@ -406,6 +431,8 @@ def _run_stages(job: Job) -> dict[str, str]:
         fp = _digest("eval", ev.model_dump(), upstream)
         if _done(job, "eval", fp, out / "results.json"):
             log.info("eval: up to date (%s), skipped", out)
+    if len(job.train_stages) > 1:  # the last stage's model is what eval and export take
+        outputs["train"] = outputs[_stage_key(len(job.train_stages) - 1, len(job.train_stages))]
         else:
             sets = [TextSet(n, Path(p), ev.text_field, ev.template) for n, p in ev.data.items()]
             compare = [("expanded", outputs["surgery"])] if "surgery" in outputs and "train" in outputs else []
@@ -418,6 +445,8 @@ def _run_stages(job: Job) -> dict[str, str]:
     if job.export is not None:
         from lmexpand.export import export_model
         from lmexpand.units import parse_size
+            compare += [(_stage_key(i, len(job.train_stages)), outputs[_stage_key(i, len(job.train_stages))])
+                        for i in range(len(job.train_stages) - 1)]  # every stage before the last
 
         out = job.export_out
         fp = _digest("export", job.export.model_dump(), upstream)

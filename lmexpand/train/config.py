@@ -14,26 +14,60 @@ class _Strict(BaseModel):
     model_config = STRICT
 
 
+# by extension; a directory is a `datasets.save_to_disk` directory; anything else is plain text
+_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
 class DataSource(_Strict):
     """One training corpus: plain text (paragraphs separated by blank lines are documents),
-    JSONL with a text field, or JSONL rendered through a template."""
+    or records (JSONL, parquet, arrow, CSV, a ``datasets.save_to_disk`` directory) read
+    through a text field, a template over fields, or as chat conversations."""
 
     path: Path
-    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by extension (.jsonl/.json -> jsonl)")
-    field: str = Field("text", description="JSONL field holding the document text")
+    format: Literal["auto", "text", "jsonl", "parquet", "arrow", "csv", "disk"] = Field(
+        "auto", description="auto: by extension (.jsonl/.json, .parquet, .arrow, .csv; a directory is a "
+        "datasets.save_to_disk directory; anything else is text)")
+    field: str = Field("text", description="the field (column) holding the document text")
     template: str | None = Field(
-        None, description="JSONL template, e.g. 'Question: {question}\\nAnswer: {answer}' (overrides field)"
+        None, description="template over fields, e.g. 'Question: {question}\\nAnswer: {answer}' (overrides field)"
     )
     loss_from: str | None = Field(
         None, description="train only on what follows the first occurrence of this text in each document "
         "(e.g. 'Answer:'): the prompt is context, not a target. Documents without it train on every token.",
     )
+    chat: Literal["auto", "messages", "alpaca", "sharegpt"] | None = Field(
+        None, description="records are conversations, rendered with the model's chat template; the loss is on "
+        "the assistant turns only. messages: `messages` [{role, content}]; alpaca: instruction/input/output; "
+        "sharegpt: `conversations` [{from, value}]; auto: by the fields present",
+    )
+    weight: float | None = Field(
+        None, description="mixture weight: blocks are drawn from the sources in these proportions (all sources "
+        "weighted, or none)",
+    )
+    name: str | None = Field(None, description="the source's name in logs and metrics (default: the file name)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_positive(cls, values):
+        import math
+
+        w = values.get("weight") if isinstance(values, dict) else None
+        if w is not None and not isinstance(w, bool) and isinstance(w, (int, float)) and not (math.isfinite(w) and w > 0):
+            raise ValueError(f"the mixture weight of {values.get('path')} is {w}; a weight is a positive finite number "
+                             "(e.g. --data math.jsonl:0.7 --data general.txt:0.3, recipe key weight: 0.7)")
+        return values
 
     @property
     def kind(self) -> str:
         if self.format != "auto":
             return self.format
-        return "jsonl" if self.path.suffix in (".jsonl", ".json") else "text"
+        if self.path.is_dir():
+            return "disk"
+        return _BY_SUFFIX.get(self.path.suffix.lower(), "text")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.name
 
 
 class LoraSettings(_Strict):
@@ -84,6 +118,12 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     streaming: bool = Field(False, description="stream the corpus instead of loading it (larger than RAM)")
+    chat_template: str | None = Field(
+        None, description="chat sources: 'chatml', or a Jinja template file, instead of the model's own chat "
+        "template (needed when the tokenizer has none)")
+    document_masking: bool = Field(
+        False, description="packed blocks: attention stops at document boundaries (position ids restart at each "
+        "document; block-diagonal causal mask, or the varlen path of flash attention)")
     pack: bool = Field(
         True, description="pack documents into seq_len blocks with EOS separators; --no-pack: one document per "
         "block, cut at seq_len and padded (padding is never a target)",
@@ -111,6 +151,19 @@ class TrainConfig(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("give at least one glob, or 'new' or 'all'")
         return v
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> "TrainConfig":
+        weighted = [d for d in self.data if d.weight is not None]
+        if weighted and len(weighted) != len(self.data):
+            bare = [str(d.path) for d in self.data if d.weight is None]
+            raise ValueError(f"data: {len(weighted)} source(s) have a mixture weight and {', '.join(bare)} has none; "
+                             "give every source a weight (--data FILE:WEIGHT, recipe key weight) or none")
+        labels = [d.label for d in self.data]
+        if weighted and len(set(labels)) != len(labels):
+            raise ValueError(f"data: two mixture sources share the name {next(l for l in labels if labels.count(l) > 1)!r}; "
+                             "give each a distinct name (recipe key name)")
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":

@@ -177,6 +177,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     if max_pos and cfg.seq_len > max_pos:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos}). "
                           f"Use --seq-len {max_pos} or less.")
+    if cfg.document_masking and is_composed(model_dir):
+        raise ConfigError(f"--document-masking: {model_dir} is a composed model (several models run together), "
+                          "whose members take no position ids from lmexpand. Drop --document-masking, or train "
+                          "with --no-pack (one document per block) to keep documents apart.")
     resume_from = _resume_point(cfg, resume, force)
 
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
@@ -195,7 +199,9 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     _quiet_datasets()
     with accelerator.main_process_first():
         data = load_packed_data(cfg.data, tokenizer, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
-                                seed=cfg.seed, streaming=cfg.streaming, pack=cfg.pack)
+                                seed=cfg.seed, streaming=cfg.streaming, pack=cfg.pack,
+                                chat_template=cfg.chat_template, document_masking=cfg.document_masking,
+                                model=str(cfg.model))
 
     # trainable set first (on a meta copy it costs nothing), so 4-bit loading can skip it
     hint = _trainable_hint(cfg, model_dir, reader) if cfg.load_in_4bit else None
@@ -233,7 +239,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
     _check_space(cfg, reader, trainable_bytes, accelerator.is_main_process)
-    state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data))
+    state = TrainState(model_fingerprint=reader.fingerprint()["sha256"], data_fingerprint=fingerprint_sources(cfg.data, cfg.chat_template))
     if resume_from is not None:
         state = load_checkpoint(resume_from, state, {**trained, **buffers}, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -260,13 +266,13 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         return torch.as_tensor(np.stack(mine)).to(accelerator.device)
 
-    def validate() -> float | None:
+    def validate_blocks(val_blocks) -> float | None:
         """Mean loss over the same validation blocks for any world size (each process takes
         its share, then the sums are reduced)."""
-        n = min(len(data.val_blocks), cfg.val_batches * cfg.batch_size * world)
+        n = min(len(val_blocks), cfg.val_batches * cfg.batch_size * world)
         if n == 0:
             return None
-        mine = data.val_blocks[rank:n:world]
+        mine = val_blocks[rank:n:world]
         loss_model.eval()
         total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         with torch.no_grad():
@@ -277,6 +283,18 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         loss_model.train()
         return (accelerator.reduce(total, reduction="sum") / n).item()
 
+    def validate() -> tuple[float | None, dict[str, float]]:
+        """The validation loss and, for a mixture, each source's (the overall loss is then
+        their mean weighted by the mixture weights)."""
+        if data.mixture is None:
+            return validate_blocks(data.val_blocks), {}
+        per_source = {p.name: validate_blocks(p.val) for p in data.parts}
+        got = [(v, w) for v, w in zip(per_source.values(), data.mixture.p) if v is not None]
+        overall = sum(v * w for v, w in got) / sum(w for _, w in got) if got else None
+        return overall, {k: v for k, v in per_source.items() if v is not None}
+
+    source_blocks = data.blocks_per_source(0, state.blocks)  # per source, so far (a resume recounts exactly)
+
     if cfg.co_llm_init_steps and state.step == 0:
         _co_llm_gate_init(cfg, accelerator, loss_model, data, metrics)
 
@@ -285,9 +303,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     progress = _Progress(cfg.max_steps, state.step, accelerator.is_main_process)
     last_val = None
     if state.step == 0 and cfg.val_every:  # the starting point of the validation curve
-        last_val = validate()
+        last_val, per_source = validate()
         if last_val is not None and metrics is not None:
-            metrics.write(json.dumps({"step": 0, "val_loss": last_val, "tokens": 0}) + "\n")
+            metrics.write(json.dumps({"step": 0, "val_loss": last_val, "tokens": 0,
+                                      **{f"val_loss/{k}": v for k, v in per_source.items()}}) + "\n")
     start_time = time.perf_counter()
     start_tokens = state.tokens
     while state.step < cfg.max_steps:
@@ -316,6 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             aux_total += aux.detach() / cfg.grad_accum
         scheduler.step()
         state.step += 1
+        source_blocks = [a + b for a, b in zip(source_blocks, data.blocks_per_source(state.blocks, per_step_blocks))]
         state.blocks += per_step_blocks
         state.tokens += per_step_blocks * cfg.seq_len
 
@@ -328,14 +348,18 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if data.mixture is not None:  # the realized token share of each source so far
+            total_blocks = max(1, sum(source_blocks))
+            record.update({f"share/{p.name}": n / total_blocks for p, n in zip(data.parts, source_blocks)})
         if aux_total.item():
             record["aux_loss"] = accelerator.reduce(aux_total, reduction="mean").item()
         if monitor:
             record.update(monitor.after_step(lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()))
         if (cfg.val_every and state.step % cfg.val_every == 0) or state.step == cfg.max_steps:
-            last_val = validate()
+            last_val, per_source = validate()
             if last_val is not None:
                 record["val_loss"] = last_val
+                record.update({f"val_loss/{k}": v for k, v in per_source.items()})
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -369,8 +393,29 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
             full=full,
         )
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _summary(cfg, state, start_tokens, time.perf_counter() - start_time, last_val, data, source_blocks, out_model)
     accelerator.end_training()  # closes trackers (and the process group): last
     return out_model
+
+
+def _summary(cfg: TrainConfig, state, start_tokens: int, seconds: float, last_val, data, source_blocks,
+             out_model: Path) -> None:
+    """Where everything is, once the run is over."""
+    from lmexpand.units import human_count
+
+    done = state.tokens - start_tokens
+    log.info("trained %d steps, %s tokens in %.0f s (%s tokens/s)%s", state.step, human_count(state.tokens), seconds,
+             human_count(done / max(seconds, 1e-9)),
+             f"; final validation loss {last_val:.4f}" if last_val is not None else "")
+    if data.mixture is not None:
+        total = max(1, sum(source_blocks))
+        log.info("token share: %s", ", ".join(f"{p.name} {n / total:.1%} (weight {w:.1%})"
+                                              for p, n, w in zip(data.parts, source_blocks, data.mixture.p)))
+    log.info("metrics: %s", cfg.out / "metrics.jsonl")
+    if cfg.tensorboard:
+        log.info("TensorBoard: tensorboard --logdir %s", cfg.out / "tensorboard")
+    log.info("model: %s", out_model)
 
 
 def _check_distribution(accelerator, cfg: TrainConfig, resume_from: Path | None) -> bool:
@@ -507,19 +552,23 @@ def _quiet_datasets() -> None:
 
 
 class _Progress:
-    """A rich progress bar (interactive) or a log line every ``log_every`` steps."""
+    """A rich progress bar on a terminal (steps, tokens/s, time left), else a log line every
+    ``log_every`` steps with the same numbers (``LMEXPAND_NO_PROGRESS`` forces the lines)."""
 
     def __init__(self, total: int, done: int, enabled: bool):
         import sys
 
         self.enabled = enabled
+        self.total, self.start_step, self.start = total, done, time.perf_counter()
         self.bar = None
         if enabled and sys.stderr.isatty() and not os.environ.get("LMEXPAND_NO_PROGRESS"):
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                console=Console(stderr=True))
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
             self.bar.start()
 
@@ -532,8 +581,15 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=info)
         elif r["step"] % log_every == 0 or "val_loss" in r:
-            log.info("step %d: %s", r["step"], info)
+            steps = r["step"] - self.start_step
+            left = (time.perf_counter() - self.start) / max(steps, 1) * (self.total - r["step"])
+            log.info("step %d/%d: %s  ETA %s", r["step"], self.total, info, _clock(left))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -108,10 +108,16 @@ class CausalLMLoss(nn.Module):
             loss = own_loss(input_ids, attention_mask, labels)
             return loss, torch.zeros((), device=loss.device)
         decoder = self.model.get_decoder()
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # position ids that restart at each document, without a 2D mask: transformers builds the
+        # block-diagonal causal mask from them (sdpa/eager), flash attention takes its varlen path
+        extra = {"position_ids": position_ids} if position_ids is not None else {}
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         hidden = out.last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
         loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk)
         aux = getattr(out, "aux_loss", None)
         return loss, (aux if aux is not None else torch.zeros((), device=loss.device))
+        position_ids = None
+        if input_ids.ndim == 3:  # blocks with position ids (document masking): [batch, 2, seq]
+            input_ids, position_ids = input_ids[:, 0], input_ids[:, 1]
