@@ -546,8 +546,8 @@ def _train_config_from_cli(kw: dict):
         values = load_recipe_section(Path(recipe), "train")
         style = "key"
     text_field, template, loss_from = kw.pop("text_field"), kw.pop("template"), kw.pop("loss_from")
-    data = kw.pop("data")
     chat = kw.pop("chat")
+    data = kw.pop("data")
     if data:
         values["data"] = [_data_argument(d) for d in data]
     if text_field or template or loss_from or chat:
@@ -588,7 +588,6 @@ def _train_config_from_cli(kw: dict):
     return cfg, (Path(resume_from) if resume_from else resume), force
 
 
-# -- eval ---------------------------------------------------------------------------------
 def _data_argument(text: str) -> dict:
     """--data FILE or FILE:WEIGHT (an existing file whose name ends in :NUMBER is a file)."""
     import math
@@ -606,6 +605,7 @@ def _data_argument(text: str) -> dict:
     return {"path": m.group(1), "weight": weight}
 
 
+# -- eval ---------------------------------------------------------------------------------
 @cli.command(name="eval", context_settings=_CONTEXT)
 @click.argument("model")
 @click.option("--data", "data", multiple=True, required=True, help="NAME=FILE (.txt or .jsonl) to score; repeat.")

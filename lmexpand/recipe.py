@@ -254,6 +254,11 @@ def load_job(path: Path) -> Job:
     return job
 
 
+def _stage_key(i: int, n: int) -> str:
+    """How messages and outputs name training stage i of n: `train`, or `train.1`, `train.2`, ..."""
+    return "train" if n == 1 else f"train.{i + 1}"
+
+
 def _check_job(job: Job, source_model: str | None) -> None:
     """What each stage will need, checked now so that a recipe `--check` calls valid does
     not fail later for a reason it could have known: the workdir, every stage's output
@@ -263,11 +268,6 @@ def _check_job(job: Job, source_model: str | None) -> None:
     from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.checkpoint.writer import check_output
     from lmexpand.train.data import check_sources
-def _stage_key(i: int, n: int) -> str:
-    """How messages and outputs name training stage i of n: `train`, or `train.1`, `train.2`, ..."""
-    return "train" if n == 1 else f"train.{i + 1}"
-
-
 
     where = str(job.path)
     if job.workdir.exists() and not job.workdir.is_dir():
@@ -422,6 +422,8 @@ def _run_stages(job: Job) -> dict[str, str]:
             _mark(job, stage, fp, final)
         outputs[stage], upstream = str(final), fp
         kill_point("run:after-train")
+    if len(job.train_stages) > 1:  # the last stage's model is what eval and export take
+        outputs["train"] = outputs[_stage_key(len(job.train_stages) - 1, len(job.train_stages))]
     model_dir = Path(outputs.get("train") or outputs["surgery"])
     if job.eval is not None:
         from lmexpand.eval.perplexity import TextSet
@@ -431,11 +433,11 @@ def _run_stages(job: Job) -> dict[str, str]:
         fp = _digest("eval", ev.model_dump(), upstream)
         if _done(job, "eval", fp, out / "results.json"):
             log.info("eval: up to date (%s), skipped", out)
-    if len(job.train_stages) > 1:  # the last stage's model is what eval and export take
-        outputs["train"] = outputs[_stage_key(len(job.train_stages) - 1, len(job.train_stages))]
         else:
             sets = [TextSet(n, Path(p), ev.text_field, ev.template) for n, p in ev.data.items()]
             compare = [("expanded", outputs["surgery"])] if "surgery" in outputs and "train" in outputs else []
+            compare += [(_stage_key(i, len(job.train_stages)), outputs[_stage_key(i, len(job.train_stages))])
+                        for i in range(len(job.train_stages) - 1)]  # every stage before the last
             spec = str(Path(outputs["train"]).parent) if "train" in outputs else str(model_dir)
             run_eval(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
                      seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples, allow_pickle=ev.allow_pickle)
@@ -445,8 +447,6 @@ def _run_stages(job: Job) -> dict[str, str]:
     if job.export is not None:
         from lmexpand.export import export_model
         from lmexpand.units import parse_size
-            compare += [(_stage_key(i, len(job.train_stages)), outputs[_stage_key(i, len(job.train_stages))])
-                        for i in range(len(job.train_stages) - 1)]  # every stage before the last
 
         out = job.export_out
         fp = _digest("export", job.export.model_dump(), upstream)

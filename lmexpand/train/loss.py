@@ -102,6 +102,9 @@ class CausalLMLoss(nn.Module):
         return input_ids, labels
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        position_ids = None
+        if input_ids.ndim == 3:  # blocks with position ids (document masking): [batch, 2, seq]
+            input_ids, position_ids = input_ids[:, 0], input_ids[:, 1]
         input_ids, labels = self.inputs_and_labels(input_ids, attention_mask)
         own_loss = getattr(self.model, "lmexpand_loss", None)
         if own_loss is not None:  # a composed model whose loss is not one head's cross-entropy (Co-LLM)
@@ -118,6 +121,3 @@ class CausalLMLoss(nn.Module):
         loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk)
         aux = getattr(out, "aux_loss", None)
         return loss, (aux if aux is not None else torch.zeros((), device=loss.device))
-        position_ids = None
-        if input_ids.ndim == 3:  # blocks with position ids (document masking): [batch, 2, seq]
-            input_ids, position_ids = input_ids[:, 0], input_ids[:, 1]
