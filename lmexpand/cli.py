@@ -342,10 +342,11 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
           eval_tokens: int, force: bool, max_shard_size: str, allow_pickle: bool, as_json: bool) -> None:
     """Merge models in weight space from a mergekit YAML file, as is.
 
-    Methods: linear (SPHINX mix, uniform soup), task_arithmetic, slerp, nuslerp, ties,
-    dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock,
-    passthrough, and greedy_soup (needs --eval-data). Everything is checked from headers
-    before a value is read; tensors stream through worker threads.
+    Methods: linear (SPHINX mix, uniform soup), task_arithmetic, slerp, nuslerp, multislerp,
+    karcher, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+    sce, ram, ramplus_tl, nearswap, arcee_fusion, model_stock, passthrough, and greedy_soup
+    (needs --eval-data). Everything is checked from headers before a value is read; tensors
+    stream through worker threads.
 
     \b
     Examples:

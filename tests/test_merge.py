@@ -97,6 +97,25 @@ def _configs(m: dict[str, Path]) -> dict[str, tuple[dict, int | None]]:
                                      {"model": b, "parameters": {"weight": 0.6, "density": 0.5}}]}, 5),
         "model_stock": ({"merge_method": "model_stock", "base_model": base,
                          "models": [{"model": a}, {"model": b}, {"model": c}]}, None),
+        "multislerp": ({"merge_method": "multislerp", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": [0.2, 0.8]}}, {"model": b, "parameters": {"weight": grad_weight}},
+            {"model": c, "parameters": {"weight": 0.4}}]}, None),
+        "multislerp-nobase": ({"merge_method": "multislerp", "parameters": {"normalize_weights": False},
+                               "models": [{"model": a, "parameters": {"weight": 0.3}},
+                                          {"model": b, "parameters": {"weight": 0.7}}]}, None),
+        "karcher": ({"merge_method": "karcher", "parameters": {"max_iter": 6},
+                     "models": [{"model": a}, {"model": b}, {"model": c}]}, None),
+        "sce": ({"merge_method": "sce", "base_model": base, "parameters": {"select_topk": [0.3, 0.9]},
+                 "models": [{"model": a}, {"model": b}, {"model": c}]}, None),
+        "nearswap": ({"merge_method": "nearswap", "base_model": base, "models": [{"model": base}, {"model": a}],
+                      "parameters": {"t": [{"filter": "mlp", "value": [0.0001, 0.001]}, {"value": 0.0005}]}}, None),
+        "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": base,
+                          "models": [{"model": base}, {"model": a}]}, 13),
+        "ram": ({"merge_method": "ram", "base_model": base, "models": [{"model": a}, {"model": b}],
+                 "parameters": {"epsilon": 0.0005}}, None),
+        "ramplus_tl": ({"merge_method": "ramplus_tl", "base_model": base,
+                        "parameters": {"r": 0.5, "alpha": 0.3, "epsilon": 0.001},
+                        "models": [{"model": a}, {"model": b}, {"model": c}]}, None),
         # 4 layers out: with another count mergekit 0.1.5 cannot save a Qwen2 config (it does not
         # extend layer_types; lmexpand does)
         "passthrough": ({"merge_method": "passthrough", "slices": [
@@ -171,6 +190,17 @@ def test_bitwise_equal_to_mergekit(merge_root, family, dtype):
     """Every method both tools have, same configuration file, same seed: same bytes."""
     _compare_with_mergekit(_variants(merge_root, family, dtype), merge_root / f"cmp-{family}-{dtype}",
                            f"{family}/{dtype}")
+
+
+@NEEDS_MERGEKIT
+def test_arcee_fusion_sampled_quantiles_equal_mergekit(tmp_path):
+    """arcee_fusion takes its quantiles from 10^6 random indices in tensors larger than that:
+    one draw per such tensor from the seeded generator, in mergekit's order."""
+    from tests.tiny import build_tiny_model
+
+    src = build_tiny_model("llama", tmp_path / "wide-src", intermediate_size=16400, num_hidden_layers=2)
+    m = _variants(tmp_path, "wide", "bfloat16", src=src)
+    _compare_with_mergekit(m, tmp_path / "cmp", "wide/bfloat16", only=("arcee_fusion",))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
 from lmexpand.errors import ConfigError, SourceError
 from lmexpand.expand.merging.config import DTYPES, MergeFile, resolve
 from lmexpand.expand.merging.methods import METHODS, Inputs, MergeMethod, method_names
+from lmexpand.expand.merging.methods.registry import MethodError
 from lmexpand.expand.plan import Plan, Read, TensorPlan, _torch_dtype, remap_layers
 
 if TYPE_CHECKING:
@@ -95,9 +96,11 @@ class MergeTensor:
     def compute(self, get, shape, dtype) -> "torch.Tensor":
         try:
             return self._compute(get, shape, dtype)
-        except BaseException:
+        except BaseException as e:
             if self.stream is not None:
                 self.stream.release(self.turn)
+            if isinstance(e, MethodError):
+                raise ConfigError(f"{self.inputs[0].name}: {e}; nothing was written.") from None
             raise
 
     def reads(self) -> list[tuple[int, str]]:
@@ -243,7 +246,7 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
         if n_inputs < method.min_inputs or (method.max_inputs and n_inputs > method.max_inputs):
             want = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
                     f"at least {method.min_inputs}" if not method.max_inputs else f"at most {method.max_inputs}")
-            extra = " (the base and one other)" if method.name == "slerp" else \
+            extra = " (the base and one other)" if method.base == "required" and method.max_inputs == 2 else \
                 " (the base and two or more fine-tunes)" if method.name == "model_stock" else ""
             problems.append(f"{label}: {method.name} takes {want} models{extra}; got {n_inputs}")
         if non_base < method.min_non_base or (method.max_non_base and non_base > method.max_non_base):
@@ -394,7 +397,7 @@ def _plan_tensors(r: Resolved, method: MergeMethod, where: str):
                                         f"(0, 1) (for {out_name}); lower epsilon")
         dtypes = [i.dtype for i in infos]
         work = work_fixed or _promote(dtypes)
-        dtype = out_fixed or work
+        dtype = out_fixed or (_promote([work, method.result_at_least]) if method.result_at_least else work)
         shape = infos[0].shape
         if method.name == "passthrough" and dict(per_model)["scale"][0] is None and dtypes[0] == dtype:
             op: Any = Read(layout[0][1], layout[0][0])

@@ -1,0 +1,138 @@
+"""The task-vector family (mergekit's ``generalized_task_arithmetic.py``): task arithmetic,
+TIES, DARE, breadcrumbs and DELLA are one procedure with different sparsification and with
+or without sign election, registered from one table.
+
+Per model ``d_i = sparsify(x_i − base)``, ``D_i = w_i·d_i``; then either the sum (divided by
+``Σ w_i`` when normalize) or TIES' sign election (majority sign of ``Σ D_i``, keep agreeing
+entries, divide by the weights kept); times ``lambda``; plus the base.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from lmexpand.expand.merging.methods.registry import Inputs, Param, density_check, register
+from lmexpand.expand.merging.methods.sparsify import bernoulli_probs, della_probs, magnitude, outliers, rescaled
+
+if TYPE_CHECKING:
+    import torch
+
+
+def sign_consensus_mask(deltas: "torch.Tensor", mask_dtype: "torch.dtype") -> "torch.Tensor":
+    """TIES sign election (mergekit's ``get_mask(method="sum")``): True where an entry's sign
+    agrees with the sign of the sum over models (0 counts as +)."""
+    sign = deltas.sign().to(mask_dtype)
+    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    return sign == majority
+
+
+def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, normalize: bool, rescale: bool,
+                     lambda_: float, int8_mask: bool) -> "torch.Tensor":
+    import torch
+
+    base = x.base
+    others = x.non_base
+    if not others:
+        return base
+    density = x.per_model["density"]
+    deltas = base.new_empty((len(others), *base.shape))
+    masks: list = [None] * len(others)
+    if sparsify in ("random", "della"):
+        def draw_all(gen):
+            # mergekit's order: tensors by sorted name, then models in config order; one
+            # model's keep-probabilities at a time (della's come from its delta's ranks)
+            out = []
+            for i, other in enumerate(others):
+                if density[i] >= 1 or (sparsify == "della" and density[i] <= 0):
+                    out.append(None)
+                    continue
+                p = (bernoulli_probs(other, density[i]) if sparsify == "random"
+                     else della_probs(other - base, density[i], x.per_model["epsilon"][i]))
+                out.append(torch.bernoulli(p, generator=gen))
+                del p
+            return out
+
+        masks = x.draw(draw_all)
+    for i, other in enumerate(others):
+        d = other - base  # one model's delta at a time (memory)
+        if sparsify == "magnitude":
+            d = magnitude(d, density[i], rescale)
+        elif sparsify == "outliers":
+            d = outliers(d, density[i], rescale, x.per_model["gamma"][i])
+        elif sparsify == "random" and masks[i] is not None:
+            work = masks[i].dtype
+            d = rescaled(d.to(work), masks[i], rescale).to(d.dtype)
+        elif sparsify == "della":
+            if density[i] <= 0:
+                d = torch.zeros_like(d)
+            elif masks[i] is not None:
+                work = masks[i].dtype
+                shape = d.shape
+                dd = d.unsqueeze(0) if d.dim() < 2 else d
+                d = rescaled(dd.to(work), masks[i].to(work), rescale).to(d.dtype).reshape(shape)
+        deltas[i] = d
+        masks[i] = None
+        del d
+    weights = torch.tensor(x.per_model["weight"], dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    if consensus:
+        mask = sign_consensus_mask(deltas, torch.int8 if int8_mask else base.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def _task_family(name: str, *, sparsify: Optional[str], consensus: bool, normalize: bool, rescale: bool,
+                 paper: str, summary: str) -> None:
+    params = [Param("weight", float, "non_base"), Param("density", float, "non_base", default=1.0, check=density_check),
+              Param("normalize", bool, default=normalize), Param("rescale", bool, default=rescale),
+              Param("lambda", float, default=1.0), Param("int8_mask", bool, default=False)]
+    if sparsify == "outliers":
+        params.append(Param("gamma", float, "non_base", default=0.01,
+                            check=lambda v: None if 0 <= v <= 1 else f"gamma {v:g} is outside [0, 1]"))
+    if sparsify == "della":
+        params.append(Param("epsilon", float, "non_base", default=0.15,
+                            check=lambda v: None if v >= 0 else f"epsilon {v:g} is negative"))
+
+    def merge(x: Inputs, normalize: bool, rescale: bool, int8_mask: bool, **kw: Any) -> "torch.Tensor":
+        return _task_arithmetic(x, sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale,
+                                lambda_=kw["lambda"], int8_mask=int8_mask)
+
+    merge.__doc__ = (f"{summary}. Per model ``d_i = sparsify(x_i − base)``, ``D_i = w_i·d_i``; "
+                     + ("sign election: majority sign of ``Σ D_i``, keep agreeing entries, divide by the weights "
+                        "kept; " if consensus else "sum, divide by ``Σ w_i`` when normalize; ")
+                     + "times lambda; plus the base.")
+    register(name, params=params, base="required", paper=paper, summary=summary,
+             random=sparsify in ("random", "della"))(merge)
+
+
+# name, sparsification, sign election, normalize and rescale defaults (mergekit's registry), paper, summary
+_DARE = "Yu et al. 2024, DARE: language models are Super Mario (arXiv 2311.03099)"
+_CRUMBS = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06795)"
+_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)"
+for _name, _sparsify, _consensus, _normalize, _rescale, _paper, _summary in (
+    ("task_arithmetic", None, False, False, False, "Ilharco et al. 2023, Editing models with task arithmetic "
+     "(arXiv 2212.04089)", "base + sum_i w_i (x_i - base)"),
+    ("ties", "magnitude", True, True, False, "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)",
+     "trim to the top-density magnitudes, elect signs, disjoint mean"),
+    ("dare_ties", "random", True, False, True, _DARE, "drop deltas at random (keep density), rescale, elect signs"),
+    ("dare_linear", "random", False, False, True, _DARE, "drop deltas at random, rescale, add"),
+    ("breadcrumbs", "outliers", False, False, False, _CRUMBS, "drop the largest (gamma) and smallest deltas, add"),
+    ("breadcrumbs_ties", "outliers", True, False, False, _CRUMBS, "breadcrumbs with TIES sign election"),
+    ("della", "della", True, True, True, _DELLA, "magnitude-ranked random drop (density +- epsilon), rescale, "
+     "elect signs"),
+    ("della_linear", "della", False, False, True, _DELLA, "della without sign election"),
+):
+    _task_family(_name, sparsify=_sparsify, consensus=_consensus, normalize=_normalize, rescale=_rescale,
+                 paper=_paper, summary=_summary)
