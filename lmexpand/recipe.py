@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ _PATH_KEYS = ("model", "out", "source")
 def _resolve(base: Path, value: Any) -> Any:
     from lmexpand.checkpoint.sources import EMBEDDED
 
+    if isinstance(value, str) and re.match(r"^@[A-Za-z_]", value):
+        # the stage templates of bench/reference_models.py hold @parent and @data/...: never a path
+        name = re.match(r"^@[A-Za-z_]\w*", value).group(0)  # type: ignore[union-attr]
+        raise ConfigError(
+            f"recipe value {value!r}: {name} is a placeholder, not a path ({name} in the stage templates under "
+            "bench/reference_recipes/ is filled by bench/reference_models.py, which runs them). Write the model "
+            "or data path itself, or run the template through bench/reference_models.py."
+        )
     if isinstance(value, str) and value not in EMBEDDED and not Path(value).is_absolute():
         lexical = os.path.normpath(base / value)
         if _inside(lexical, str(base)):

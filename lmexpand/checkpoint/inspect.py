@@ -6,13 +6,44 @@ import re
 from collections import Counter
 from typing import Any
 
+from lmexpand.checkpoint.composed import is_composed_config
+from lmexpand.checkpoint.families import FAMILIES, MOE_CONFIG_KEYS, Family, detect_family
 from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
+from lmexpand.errors import UnsupportedArchitectureError
+
+
+def _family_of(reader: CheckpointReader) -> Family | None:
+    """The reader's family, detected here when it was opened without one (inspect reads any
+    model); None for what lmexpand reads but does not expand (MoE, composed, other types)."""
+    if reader.family is not None:
+        return reader.family
+    try:
+        return detect_family(reader.config)
+    except UnsupportedArchitectureError:
+        return None
+
+
+def what_it_accepts(cfg: dict[str, Any]) -> str:
+    """For a model that is not of an expandable family: what it is, and which commands take it."""
+    supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
+    model_type = cfg.get("model_type")
+    if is_composed_config(cfg):
+        return (f"a composed model ({model_type}: several models run together, made by an lmexpand surgery). "
+                "`generate`, `eval`, `train` (its own new tensors), `export` and `verify` accept it; surgeries and "
+                "`merge` take one of its members instead")
+    moe = [k for k in MOE_CONFIG_KEYS if cfg.get(k)]
+    if moe:
+        return (f"a mixture-of-experts model ({model_type}, {moe[0]}={cfg[moe[0]]}). `train`, `eval`, `generate`, "
+                f"`export` and `verify` accept it; surgeries and `merge` start from dense models ({supported})")
+    return (f"model_type {model_type!r} is read through transformers' own class: `train`, `eval`, `generate`, "
+            f"`export` and `verify` accept it; surgeries and `merge` need one of the families lmexpand expands "
+            f"({supported})")
 
 
 def summarize(reader: CheckpointReader) -> dict[str, Any]:
-    family = reader.family  # None for architectures lmexpand writes but does not expand (MoE, CALM)
+    family = _family_of(reader)
     cfg = reader.config
-    n_layers = reader.num_layers if family else int(cfg.get("num_hidden_layers") or 0)
+    n_layers = family.num_layers(cfg) if family else int(cfg.get("num_hidden_layers") or 0)
     generic = re.compile(r"^.*?\.layers\.(\d+)\.(.+)$")
 
     def split_layer(name: str) -> tuple[int, str] | None:
@@ -48,7 +79,8 @@ def summarize(reader: CheckpointReader) -> dict[str, Any]:
         "head_dim": cfg.get("head_dim") or (hidden // heads if hidden and heads else None),
         "vocab_size": cfg.get("vocab_size"),
         "max_position_embeddings": cfg.get("max_position_embeddings"),
-        "tie_word_embeddings": reader.tie_word_embeddings,
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)) or (
+            family is not None and family.lm_head not in reader.tensors),
         "dtype": bytes_by_dtype.most_common(1)[0][0] if bytes_by_dtype else None,
         "bytes_by_dtype": dict(bytes_by_dtype),
         "total_parameters": reader.total_params,
@@ -60,11 +92,7 @@ def summarize(reader: CheckpointReader) -> dict[str, Any]:
         "lineage": reader.lineage(),
     }
     if family is None:
-        from lmexpand.checkpoint.families import FAMILIES
-
-        supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
-        summary["note"] = (f"model_type {cfg.get('model_type')!r} is not a family lmexpand expands "
-                           f"(supported: {supported}); shown from its headers only")
+        summary["note"] = what_it_accepts(cfg)
     if stray:
         summary["tensors_beyond_num_layers"] = stray
     return summary
