@@ -5,18 +5,19 @@
 The embedded SmolLM2-135M is a dequantized Q4_1 GGUF: any training repairs some of that
 rounding and lowers perplexity on *all* text, which confounds every "gains the domain, keeps
 general skill" comparison. So the miniatures start from models built here, each with
-lmexpand's own recipes (``recipes/reference/*.yaml``), cached under
+lmexpand's own recipes (stage templates in ``bench/reference_recipes/*.yaml``), cached under
 ``$LMEXPAND_CACHE/reference/NAME-KEY`` (KEY: a hash of the recipe, the settings below, the
 content of every data file it reads, and the parent's KEY):
 
   healed      the embedded model, full fine-tuning on general English (novels + OpenStax
               train), in segments of 40,960 tokens until the validation perplexity of both
-              general sets improves by less than 1 % in a segment (at most 8 segments);
+              general sets improves by less than 1 % in a segment (at most 3 segments:
+              the budget of docs/reference-models.md);
               the curve is drawn in healed.png
   math        healed, full fine-tuning on GSM8K train
   code        healed, full fine-tuning on the Python code train split
   small-cut   the first 20 of healed's 30 blocks (surgery upscale --slices 0-20)
-  small       small-cut healed again like healed (same recipe, same stopping rule)
+  small       small-cut healed again like healed (same recipe and rule, at most 2 segments)
   small-math  small, full fine-tuning on GSM8K train
 
 It resumes: a finished model is reused, a finished segment too, and an interrupted
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes" / "reference"
+RECIPES = ROOT / "bench" / "reference_recipes"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
@@ -66,11 +67,11 @@ class Stage:
 
 
 STAGES = [
-    Stage("healed", "heal.yaml", "@base", max_segments=8),
+    Stage("healed", "heal.yaml", "@base", max_segments=3),
     Stage("math", "math.yaml", "healed"),
     Stage("code", "code.yaml", "healed"),
     Stage("small-cut", "small-cut.yaml", "healed"),
-    Stage("small", "heal.yaml", "small-cut", max_segments=8),
+    Stage("small", "heal.yaml", "small-cut", max_segments=2),
     Stage("small-math", "math.yaml", "small"),
 ]
 BY_NAME = {s.name: s for s in STAGES}
@@ -238,7 +239,7 @@ def build_stage(stage: Stage, parent_dir: str, parent_key: str, data_root: Path,
     meta_path = last / "lmexpand.json"
     meta = json.loads(meta_path.read_text())
     meta["reference"] = {
-        "name": stage.name, "key": key, "recipe": f"recipes/reference/{stage.recipe}", "parent": stage.parent,
+        "name": stage.name, "key": key, "recipe": f"bench/reference_recipes/{stage.recipe}", "parent": stage.parent,
         "parent_dir": parent_dir, "parent_key": parent_key, "overrides": overrides or {},
         "segments": segments, "tokens": sum(s["tokens"] for s in segments),
         "seconds": round(sum(s["seconds"] for s in segments), 1),
@@ -348,21 +349,36 @@ def table(built: dict[str, dict], data_root: Path, root: Path, base: str, eval_t
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="comma-separated stage names (their parents are built too)")
     ap.add_argument("--no-table", action="store_true", help="build only; skip the perplexity table")
     ap.add_argument("--doc", type=Path, default=None, help="also write the table into this Markdown file")
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, default=None, help="write the built models (name -> dir, key) here")
+    # what bench/results.py --tiny (and its test) changes: a tiny base, tiny data, tiny budgets
+    ap.add_argument("--base", default="smollm2-135m", help="the model every stage descends from")
+    ap.add_argument("--data-root", type=Path, default=SHARED_DATA, help="a tree like ../shared/data")
+    ap.add_argument("--root", type=Path, default=None, help="the cache (default $LMEXPAND_CACHE/reference)")
+    ap.add_argument("--overrides", default=None, help="JSON object of training settings for every stage")
+    ap.add_argument("--max-segments", type=int, default=None, help="cap the healing stages' segments")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-seq", type=int, default=256)
+    args = ap.parse_args(argv)
     only = args.only.split(",") if args.only else None
     unknown = [n for n in only or [] if n not in BY_NAME]
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; stages: {', '.join(BY_NAME)}")
+    overrides = json.loads(args.overrides) if args.overrides else None
+    root = args.root or cache_root()
     t0 = time.perf_counter()
-    built = build(only=only)
+    built = build(base=args.base, data_root=args.data_root, root=root, only=only, overrides=overrides,
+                  eval_tokens=args.eval_tokens, eval_seq=args.eval_seq, max_segments=args.max_segments)
     print(json.dumps(built, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(built, indent=2))
     if not args.no_table:
-        md = table(built, SHARED_DATA, cache_root(), "smollm2-135m", 16384, 256)
+        md = table(built, args.data_root, root, args.base, args.eval_tokens, args.eval_seq)
         print(md)
         if args.doc:
             args.doc.write_text(args.doc.read_text().split("<!-- table -->")[0] + "<!-- table -->\n" + md + "\n"

@@ -53,7 +53,7 @@ def test_every_reference_recipe_validates(tiny_base, tmp_path):
     if (rm.SHARED_DATA / "gsm8k" / "train.jsonl").is_file():
         rm.check(str(tiny_base), rm.SHARED_DATA, tmp_path / "check-shared")
     used = {s.recipe for s in rm.STAGES}
-    assert used == {p.name for p in rm.RECIPES.glob("*.yaml")}, "a recipe in recipes/reference is not built"
+    assert used == {p.name for p in rm.RECIPES.glob("*.yaml")}, "a stage template in bench/reference_recipes is not built"
 
 
 def test_cache_key_follows_recipe_and_data_content_only(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_builder_makes_every_stage_with_lineage_and_reuses_them(tiny_base, tmp_p
         meta = json.loads((d / "lmexpand.json").read_text())
         ref = meta["reference"]
         assert ref["name"] == stage.name and ref["key"] == built[stage.name]["key"]
-        assert ref["parent"] == stage.parent and ref["recipe"] == f"recipes/reference/{stage.recipe}"
+        assert ref["parent"] == stage.parent and ref["recipe"] == f"bench/reference_recipes/{stage.recipe}"
         parent = str(tiny_base) if stage.parent == "@base" else built[stage.parent]["dir"]
         assert ref["parent_dir"] == parent
         if stage.name == "small-cut":
