@@ -50,28 +50,28 @@ def assert_layers_follow_map(out: Path, models: dict[str, Path], scaled: set[int
     assert checked == len(lineage["layer_map"]) * len(CheckpointReader(models[base]).layer_tensors(0))
 
 
-def test_paper_recipe_every_family(tiny_model, tmp_path, capsys):
+def test_paper_recipe(tiny_llama, tmp_path, capsys):  # (every family: tests/test_families.py)
     out = tmp_path / "dus"
-    code, _, err = upscale(capsys, tiny_model, out, "--drop", 1)
+    code, _, err = upscale(capsys, tiny_llama, out, "--drop", 1)
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
-    src_cfg = json.loads((tiny_model / "config.json").read_text())
+    src_cfg = json.loads((tiny_llama / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6  # 2 * (4 - 1)
     if "layer_types" in src_cfg:
         assert cfg["layer_types"] == [src_cfg["layer_types"][k] for k in (0, 1, 2, 1, 2, 3)]
     lineage = json.loads((out / "lmexpand.json").read_text())
     assert lineage["layer_map"] == [0, 1, 2, 1, 2, 3]
     assert lineage["function_preserving"] is False and lineage["seams"] == [3]
-    assert_layers_follow_map(out, {"source": tiny_model})
+    assert_layers_follow_map(out, {"source": tiny_llama})
     # stock transformers loads it and generates; the function changed (honestly reported)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids, mask = padded_batch(model.config.vocab_size)
     with torch.no_grad():
         delta = (model(input_ids=ids, attention_mask=mask).logits - base(input_ids=ids, attention_mask=mask).logits)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                              eos_token_id=None)
-    print(f"{tiny_model.name}: DUS max |dlogit| vs base = {delta.abs().max().item():.3g} (not function-preserving)")
+    print(f"{tiny_llama.name}: DUS max |dlogit| vs base = {delta.abs().max().item():.3g} (not function-preserving)")
     assert delta.abs().max() > 0 and gen.shape == (3, 24)
 
 

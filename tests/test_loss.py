@@ -8,19 +8,21 @@ from lmexpand.train.loss import IGNORE_INDEX, fused_linear_cross_entropy, refere
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_matches_reference_loss_and_gradients(chunk, weight_trains):
+# plain; Granite's 1 / logits_scaling; Gemma's final soft-capping (tight, so tanh saturates); both
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.125, None), (1.0, 2.0), (0.5, 3.0)])
+def test_matches_reference_loss_and_gradients(chunk, weight_trains, scale, softcap):
     g = torch.Generator().manual_seed(chunk)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
     w = torch.randn(40, 16, generator=g).requires_grad_(weight_trains)
     y = torch.randint(0, 40, (50,), generator=g)
     y[[3, 17, 49]] = IGNORE_INDEX
-    fused = fused_linear_cross_entropy(h, w, y, chunk)
+    fused = fused_linear_cross_entropy(h, w, y, chunk, scale, softcap)
     (fused * 2.5).backward()  # a non-unit upstream gradient
     gh, gw = h.grad.clone(), (w.grad.clone() if weight_trains else None)
     h.grad = None
     if weight_trains:
         w.grad = None
-    ref = reference_cross_entropy(h, w, y)
+    ref = reference_cross_entropy(h, w, y, scale, softcap)
     (ref * 2.5).backward()
     torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, h.grad, rtol=1e-5, atol=1e-7)

@@ -20,32 +20,19 @@ def moe(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-EXPECTED_CLASS = {"llama": "MixtralForCausalLM", "llama-tied": "MixtralForCausalLM", "mistral": "MixtralForCausalLM",
-                  "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
+# exactness of copies and fine-grained experts in every family's stock target, and the
+# refusals of families without one: tests/test_families.py
 
 
-def test_copies_exact_every_family(tiny_model, tmp_path, capsys):
-    out = tmp_path / "mix"
-    code, _, err = moe(capsys, tiny_model, out, "--experts", 4, "--top-k", 2)
-    assert code == 0, err
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == [EXPECTED_CLASS[tiny_model.name]]
-    delta, ga, gb = max_abs_diff(tiny_model, out)
-    print(f"{tiny_model.name} -> {cfg['architectures'][0]} E=4 top-2: max |dlogit| fp32 = {delta:.3g}")
-    assert delta <= TOL and torch.equal(ga, gb)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert type(model).__name__ == EXPECTED_CLASS[tiny_model.name]  # stock class, no remote code
-
-
-def test_fine_grained_exact_every_family(tiny_model, tmp_path, capsys):
+def test_fine_grained_layout(tiny_llama, tmp_path, capsys):
     out = tmp_path / "fg"
-    code, _, err = moe(capsys, tiny_model, out, "--segments", 4, "--shared", 1, "--replicas", 3)
+    code, _, err = moe(capsys, tiny_llama, out, "--segments", 4, "--shared", 1, "--replicas", 3)
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Glm4MoeForCausalLM"]
     assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (9, 3, 32)
-    delta, ga, gb = max_abs_diff(tiny_model, out)
-    print(f"{tiny_model.name} -> Glm4Moe M=4 S=1 R=3: max |dlogit| fp32 = {delta:.3g}")
+    delta, ga, gb = max_abs_diff(tiny_llama, out)
+    print(f"llama -> Glm4Moe M=4 S=1 R=3: max |dlogit| fp32 = {delta:.3g}")
     assert delta <= TOL and torch.equal(ga, gb)
     lineage = json.loads((out / "lmexpand.json").read_text())
     assert lineage["function_preserving"] is True

@@ -24,6 +24,13 @@ _EXPERT = re.compile(
     r"^(?P<layer>.*\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
 _MIXTRAL_ROUTER = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.gate\.weight$")
+# Granite-MoE files (4.x and the Hub) hold each layer's experts stacked already, under other
+# names than transformers 5's parameters (its conversion_mapping renames them on load)
+_RENAMED = (
+    (re.compile(r"^(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.input_linear\.weight$"), "block_sparse_moe.experts.gate_up_proj"),
+    (re.compile(r"^(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.output_linear\.weight$"), "block_sparse_moe.experts.down_proj"),
+    (re.compile(r"^(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.router\.layer\.weight$"), "block_sparse_moe.router.weight"),
+)
 _PIECE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
@@ -37,6 +44,10 @@ def param_name(saved: str) -> tuple[str, tuple[str, int] | None]:
     m = _MIXTRAL_ROUTER.match(saved)
     if m:
         return f"{m['layer']}.mlp.gate.weight", None
+    for pattern, param in _RENAMED:
+        m = pattern.match(saved)
+        if m:
+            return f"{m['layer']}.{param}", None
     return saved, None
 
 

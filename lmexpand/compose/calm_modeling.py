@@ -40,6 +40,24 @@ CACHE_KW = "cache" if "cache" in _inspect.signature(GenerationMixin.prepare_inpu
     else "past_key_values"
 
 
+def postprocess_logits(config: dict, logits: torch.Tensor) -> torch.Tensor:
+    """What the member's own ``*ForCausalLM`` does after its ``lm_head`` (config keys, any
+    family): times ``logit_scale``, divided by ``logits_scaling`` (Granite), soft-capped by
+    ``final_logit_softcapping`` (Gemma). Unchanged for a plain head."""
+    if config.get("logit_scale") is not None:
+        logits = logits * config["logit_scale"]
+    if config.get("logits_scaling") is not None:
+        logits = logits / config["logits_scaling"]
+    cap = config.get("final_logit_softcapping")
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# the anchor's logit post-processing keys, kept at the top level of the composed config too:
+# the training loss reads them there (lmexpand.checkpoint.families.logit_postprocessing)
+LOGIT_KEYS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+
 class CalmConfig(PretrainedConfig):
     model_type = "lmexpand_calm"
 
@@ -54,7 +72,7 @@ class CalmConfig(PretrainedConfig):
         self.num_heads = num_heads
         self.anchor_path = anchor_path
         self.augment_path = augment_path
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings") + LOGIT_KEYS:
             if key in self.anchor:
                 kwargs.setdefault(key, self.anchor[key])
         kwargs["tie_word_embeddings"] = False  # the anchor ties its own head, inside
@@ -238,7 +256,7 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
         hidden, cache = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values,
                                            use_cache and not self.training)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.anchor.lm_head(hidden[:, keep])
+        logits = postprocess_logits(self.config.anchor, self.anchor.lm_head(hidden[:, keep]))
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),

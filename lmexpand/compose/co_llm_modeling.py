@@ -34,6 +34,19 @@ CACHE_KW = "cache" if "cache" in _inspect.signature(GenerationMixin.prepare_inpu
     else "past_key_values"
 
 
+def postprocess_logits(config: dict, logits: torch.Tensor) -> torch.Tensor:
+    """What the member's own ``*ForCausalLM`` does after its ``lm_head`` (config keys, any
+    family): times ``logit_scale``, divided by ``logits_scaling`` (Granite), soft-capped by
+    ``final_logit_softcapping`` (Gemma). Unchanged for a plain head."""
+    if config.get("logit_scale") is not None:
+        logits = logits * config["logit_scale"]
+    if config.get("logits_scaling") is not None:
+        logits = logits / config["logits_scaling"]
+    cap = config.get("final_logit_softcapping")
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
 class CoLlmConfig(PretrainedConfig):
     model_type = "lmexpand_co_llm"
 
@@ -125,7 +138,7 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         v = self.config.vocab_size
-        z = self.base.get_output_embeddings()(h)[..., :v]
+        z = postprocess_logits(self.config.base, self.base.get_output_embeddings()(h))[..., :v]
         s = self.gate(h.to(self.gate.weight.dtype)).squeeze(-1).float()
         return z, s
 
@@ -164,7 +177,7 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         logit, the backbones frozen. Returns (loss, share of positive labels)."""
         with torch.no_grad():
             h = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            z_b = self.base.get_output_embeddings()(h)[..., :self.config.vocab_size]
+            z_b = postprocess_logits(self.config.base, self.base.get_output_embeddings()(h))[..., :self.config.vocab_size]
             z_a = self._assistant(input_ids, attention_mask, None, None)
         s = self.gate(h[:, :-1].detach().to(self.gate.weight.dtype)).squeeze(-1).float()
         valid = labels != -100

@@ -47,7 +47,9 @@ class DeepFusionConfig(PretrainedConfig):
         self.layers = [int(i) for i in (layers or [])]
         self.projections = list(projections or [])  # relative module names, e.g. "self_attn.q_proj"
         self.use_cache = use_cache
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+        # (with the source's logit post-processing keys, which the training loss reads here)
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "logit_scale",
+                    "logits_scaling", "final_logit_softcapping"):
             if key in self.source:
                 kwargs.setdefault(key, self.source[key])
         kwargs["tie_word_embeddings"] = False

@@ -24,15 +24,14 @@ from typing import Any, Sequence
 
 from pydantic import Field, field_validator
 
+from lmexpand.checkpoint.families import (LOGIT_DIVISOR_KEYS, LOGIT_MULTIPLIER_KEYS, LOGIT_SOFTCAP_KEYS,
+                                          logit_postprocessing)
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import shared_token_ids
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan, Read, TensorPlan
 from lmexpand.expand.registry import MethodConfig, comma_list, register_method
 
-# config keys of families whose logits are not a plain `lm_head(h)` (softcapping, scaling):
-# the logit sum's fused training loss computes `[W_1|W_2]·[h_1;h_2]`, which would skip them
-_LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 class LogitSumConfig(MethodConfig):
@@ -96,11 +95,14 @@ def plan_composition(readers: Sequence[CheckpointReader], *, method: str, argume
     tensors: list[TensorPlan] = []
     if trained_heads:
         for i, (r, role) in enumerate(zip(readers, roles)):
-            for key, neutral in _LOGIT_POSTPROCESSING.items():
-                if r.config.get(key) not in (None, neutral):
-                    raise ConfigError(f"{role} {r.path}: its logits are post-processed ({key} = {r.config[key]}); a "
-                                      "logit sum trains plain heads (z = W·h) and would change them. Use members "
-                                      "without logit softcapping or scaling.")
+            # families whose logits are not a plain `lm_head(h)` (soft-capping, scaling): the logit
+            # sum's training loss computes `[W_1|W_2]·[h_1;h_2]`, which would skip them
+            if logit_postprocessing(r.config) != (1.0, None):
+                keys = [k for k in LOGIT_MULTIPLIER_KEYS + LOGIT_DIVISOR_KEYS + LOGIT_SOFTCAP_KEYS if r.config.get(k)]
+                raise ConfigError(f"{role} {r.path}: its logits are post-processed ("
+                                  + ", ".join(f"{k} = {r.config[k]}" for k in keys) + "); a logit sum trains plain "
+                                  "heads (z = W·h) and would change them. Use members without logit softcapping or "
+                                  "scaling (proxy-tune and contrastive take any member).")
             src = _head_source(r)
             shape = tuple(r.info(src).shape)
             tensors.append(TensorPlan(f"members.{i}.lm_head.weight", "F32", shape, Read(src, model=i)))

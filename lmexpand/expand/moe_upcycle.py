@@ -11,7 +11,9 @@ Mistral sources when every layer is upcycled (Mixtral has no dense layers);
 ``Qwen2MoeForCausalLM`` for Qwen2 sources (q/k/v biases) and for a subset of layers
 (``mlp_only_layers`` keeps the rest dense; its always-present shared expert gets a single
 unit whose output projection is zero, so it adds exactly nothing); ``Qwen3MoeForCausalLM``
-for Qwen3 sources (q/k norms).
+for Qwen3 sources (q/k norms); ``GraniteMoeForCausalLM`` for Granite sources (every layer; the
+multipliers carried over). Which targets a family has is family data (``Family.moe_copies``);
+a family without one is refused with the reason (``Family.moe_refusal``).
 
 **Fine-grained + shared** (DeepSeekMoE, arXiv 2401.06066): the FFN's intermediate
 dimension I is split into M segments of I/M units. The first S segments form the shared
@@ -34,10 +36,11 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from lmexpand.checkpoint.families import Family
 from lmexpand.checkpoint.limits import MAX_EXPERTS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
-from lmexpand.expand.plan import Const, NewInit, Noise, Op, Plan, Read, Slice, TensorPlan, Zeros
+from lmexpand.expand.plan import Concat, Const, NewInit, Noise, Op, Plan, Read, Slice, Stack, TensorPlan, Zeros
 from lmexpand.expand.registry import MethodConfig, comma_list, names_matching, register_method
 
 log = logging.getLogger("lmexpand")
@@ -173,12 +176,22 @@ def chosen_layers(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
-def _target(family: str, cfg: MoeConfig, layers: list[int], num_layers: int, config: dict[str, Any]) -> str:
-    all_layers = len(layers) == num_layers
+def _target(family: Family, cfg: MoeConfig, layers: list[int], num_layers: int, reader: CheckpointReader) -> str:
+    """The stock class the upcycled model is written as: the family's first MoE target
+    (``Family.moe_copies`` / ``moe_fine_grained``) whose structure holds this source."""
+    config = reader.config
+    if family.swiglu is None or not (family.moe_copies or family.moe_fine_grained):
+        raise ConfigError(f"{family.name} models cannot be upcycled: {family.moe_refusal or 'no stock MoE target'}.")
     if config.get("mlp_bias"):
         raise ConfigError("the source's MLPs have biases (mlp_bias: true); no stock MoE class holds expert biases.")
-    sliding = family == "mistral" and config.get("sliding_window")
+    all_layers = len(layers) == num_layers
+    # a window over every layer: only Mixtral holds one (Qwen2-MoE/Glm4-MoE attend globally)
+    sliding = bool(config.get("sliding_window")) and not isinstance(config.get("layer_types"), list) \
+        and config.get("use_sliding_window", True) is not False
     if cfg.fine_grained:
+        if family.moe_fine_grained is None:
+            raise ConfigError(f"--segments: no stock class holds fine-grained experts for {family.name} models "
+                              f"({', '.join(_CLASS[t] for t in family.moe_copies)} routes copies only); use --experts.")
         if layers != list(range(num_layers - len(layers), num_layers)):
             raise ConfigError(
                 f"--layers {cfg.layers}: Glm4MoeForCausalLM keeps only the first layers dense "
@@ -187,15 +200,38 @@ def _target(family: str, cfg: MoeConfig, layers: list[int], num_layers: int, con
             )
         if sliding:
             raise ConfigError("this Mistral source uses a sliding window, which Glm4MoeForCausalLM does not have.")
-        return "glm4_moe"
-    if family == "qwen3":
-        return "qwen3_moe"
-    if family in ("llama", "mistral") and all_layers and not config.get("attention_bias"):
-        return "mixtral"
+        return family.moe_fine_grained
+    qkv_bias = family.layer_name(0, "self_attn.q_proj.bias") in reader
+    if family.layer_name(0, "self_attn.o_proj.bias") in reader:
+        targets = [t for t in family.moe_copies if t in _ATTENTION_BIAS]
+        if cfg.fine_grained or not targets:
+            raise ConfigError("the source's attention output projection has a bias; the stock MoE classes this "
+                              f"{family.name} model could become have none.")
+    for target in family.moe_copies:
+        if target in _ALL_LAYERS_ONLY and not all_layers:
+            continue
+        if target == "mixtral" and qkv_bias:
+            continue
+        if family.layer_name(0, "self_attn.o_proj.bias") in reader and target not in _ATTENTION_BIAS:
+            continue
+        if sliding and target != "mixtral":
+            continue
+        return target
     if sliding:
         raise ConfigError("this Mistral source uses a sliding window: only MixtralForCausalLM holds it, and Mixtral "
                           "has no dense layers; use --layers all.")
-    return "qwen2_moe"
+    names = " / ".join(_CLASS[t] for t in family.moe_copies)
+    raise ConfigError(f"--layers {cfg.layers}: {names} has no dense layers, so every layer of a {family.name} model must "
+                      "be upcycled; use --layers all.")
+
+
+# targets whose attention projections all take a bias from attention_bias (o_proj's too)
+_ATTENTION_BIAS = ("granitemoe", "qwen3_moe")
+# targets whose every layer is a MoE layer (no mlp_only_layers / first_k_dense_replace)
+_ALL_LAYERS_ONLY = ("mixtral", "granitemoe")
+# config keys a target class takes over from the source as they are (multipliers that matter
+# for the function: Granite's embedding, residual, attention and logit scales)
+_CARRIED = {"granitemoe": ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
 
 
 def _base_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -211,10 +247,15 @@ def _base_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _target_config(target: str, src: dict[str, Any], family: str, cfg: MoeConfig, layers: list[int],
+def _target_config(target: str, src: dict[str, Any], reader: CheckpointReader, cfg: MoeConfig, layers: list[int],
                    num_layers: int) -> dict[str, Any]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    fam = reader.family
+    assert fam is not None
+    # structural facts of the source, from its tensors: q/k/v biases, per-head q/k norms
+    qkv_bias = fam.layer_name(0, "self_attn.q_proj.bias") in reader
+    qk_norm = fam.layer_name(0, "self_attn.q_norm.weight") in reader
     base = _base_config(src)
     inter = base["intermediate_size"]
     E, k = cfg.num_experts, cfg.k
@@ -223,12 +264,15 @@ def _target_config(target: str, src: dict[str, Any], family: str, cfg: MoeConfig
         kw = dict(num_local_experts=E, num_experts_per_tok=k, sliding_window=src.get("sliding_window"))
     elif target == "qwen2_moe":
         kw = dict(num_experts=E, num_experts_per_tok=k, moe_intermediate_size=inter, shared_expert_intermediate_size=1,
-                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense, qkv_bias=family == "qwen2",
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense, qkv_bias=qkv_bias,
                   use_sliding_window=False)
     elif target == "qwen3_moe":
         kw = dict(num_experts=E, num_experts_per_tok=k, moe_intermediate_size=inter, norm_topk_prob=True,
                   decoder_sparse_step=1, mlp_only_layers=dense, attention_bias=bool(src.get("attention_bias")),
                   use_sliding_window=False)
+    elif target == "granitemoe":
+        kw = dict(num_local_experts=E, num_experts_per_tok=k, attention_bias=bool(src.get("attention_bias")),
+                  **{key: src[key] for key in _CARRIED[target] if key in src})
     else:  # glm4_moe
         assert cfg.segments is not None
         rope = dict(base.get("rope_parameters") or {})
@@ -241,17 +285,18 @@ def _target_config(target: str, src: dict[str, Any], family: str, cfg: MoeConfig
         kw = dict(moe_intermediate_size=inter // cfg.segments, n_shared_experts=cfg.shared, n_routed_experts=E,
                   num_experts_per_tok=k, n_group=1, topk_group=1, first_k_dense_replace=len(dense),
                   norm_topk_prob=True, routed_scaling_factor=float(n_routed_segments),
-                  attention_bias=family == "qwen2", use_qk_norm=family == "qwen3", num_nextn_predict_layers=0)
+                  attention_bias=qkv_bias, use_qk_norm=qk_norm, num_nextn_predict_layers=0)
     out = CONFIG_MAPPING[target](**base, **kw).to_dict()
     out["architectures"] = [_CLASS[target]]
     return out
 
 
 _CLASS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-          "glm4_moe": "Glm4MoeForCausalLM"}
+          "glm4_moe": "Glm4MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
 
 
-_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "glm4_moe": "mlp"}
+_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "glm4_moe": "mlp",
+           "granitemoe": "block_sparse_moe"}
 # expert tensor names per target: gate (SwiGLU gate), up, down
 _EXPERT = {
     "mixtral": ("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
@@ -289,10 +334,8 @@ def plan_moe(readers: Sequence[CheckpointReader], cfg: MoeConfig) -> Plan:
             divisors = [d for d in range(2, min(inter, 256) + 1) if inter % d == 0]
             raise ConfigError(f"--segments {cfg.segments} does not divide the intermediate size {inter}; "
                               f"values that do: {', '.join(map(str, divisors))}.")
-    if "self_attn.o_proj.bias" in {t.name.split(".", 3)[-1] for t in reader.layer_tensors(0)}:
-        raise ConfigError("the source's attention output projection has a bias; the stock MoE classes have none.")
-    target = _target(family.name, cfg, layers, L, reader.config)
-    config = _target_config(target, reader.config, family.name, cfg, layers, L)
+    target = _target(family, cfg, layers, L, reader)
+    config = _target_config(target, reader.config, reader, cfg, layers, L)
     E, k = cfg.num_experts, cfg.k
     routers = _hidden_routers(reader, cfg, layers) if cfg.router_init == "hidden" else {}
 
@@ -310,17 +353,23 @@ def plan_moe(readers: Sequence[CheckpointReader], cfg: MoeConfig) -> Plan:
         tensors.append(TensorPlan(t.name, t.dtype, t.shape, Read(t.name)))
     for layer in layers:
         p = family.layer_name(layer, f"{moe_prefix}.")
-        g, u, d = (reader.info(family.layer_name(layer, f"mlp.{n}_proj.weight")) for n in ("gate", "up", "down"))
+        assert family.swiglu is not None  # (_target refuses the others)
+        g, u, d = (reader.info(family.layer_name(layer, f"{module}.weight")) for module in family.swiglu)
         dtype, H = g.dtype, g.shape[1]
         out: list[TensorPlan] = []
-        if not cfg.fine_grained:
+        if target == "granitemoe":
+            # the layout of Granite-MoE files (transformers 4.x and the Hub; 5.x renames on load):
+            # experts stacked, gate rows then up rows in input_linear, routers in router.layer
+            out.append(TensorPlan(p + "router.layer.weight", dtype, (E, H), _router_op(cfg, layer, E, H, routers)))
+            gate_up = [Concat((_expert_op(cfg, layer, e, g, 0), _expert_op(cfg, layer, e, u, 1)), 0) for e in range(E)]
+            out.append(TensorPlan(p + "input_linear.weight", dtype, (E, 2 * g.shape[0], H), Stack(tuple(gate_up))))
+            out.append(TensorPlan(p + "output_linear.weight", dtype, (E, *d.shape),
+                                  Stack(tuple(_expert_op(cfg, layer, e, d, 2) for e in range(E)))))
+        elif not cfg.fine_grained:
             out.append(TensorPlan(p + "gate.weight", dtype, (E, H), _router_op(cfg, layer, E, H, routers)))
             for e in range(E):
-                for name, src in zip(_EXPERT[target], (g, u, d)):
-                    op: Op = Read(src.name)
-                    if cfg.noise and e > 0:
-                        op = Noise(op, cfg.noise, seed=cfg.seed * 1_000_003 + layer * 1009 + e * 3 + (src is u) + 2 * (src is d))
-                    out.append(TensorPlan(p + name.format(e=e), dtype, src.shape, op))
+                for i, (name, src) in enumerate(zip(_EXPERT[target], (g, u, d))):
+                    out.append(TensorPlan(p + name.format(e=e), dtype, src.shape, _expert_op(cfg, layer, e, src, i)))
             if target == "qwen2_moe":
                 # the class always has a shared expert: one unit, output projection zero -> adds exactly 0
                 out += [
@@ -381,6 +430,15 @@ def plan_moe(readers: Sequence[CheckpointReader], cfg: MoeConfig) -> Plan:
                         "bias_gap": cfg.bias_gap} if cfg.fine_grained else {"router_init": cfg.router_init})},
         },
     )
+
+
+def _expert_op(cfg: MoeConfig, layer: int, e: int, src: Any, which: int) -> Op:
+    """Expert ``e``'s copy of the dense matrix ``src`` (which: 0 gate, 1 up, 2 down), with the
+    optional noise on every expert but the first."""
+    op: Op = Read(src.name)
+    if cfg.noise and e > 0:
+        op = Noise(op, cfg.noise, seed=cfg.seed * 1_000_003 + layer * 1009 + e * 3 + which)
+    return op
 
 
 def _ranges(xs: list[int]) -> str:

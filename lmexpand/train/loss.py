@@ -19,8 +19,13 @@ IGNORE_INDEX = -100
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
+    """``z = h @ W.T``, times ``scale`` (Granite's ``1 / logits_scaling``), then soft-capped
+    ``cap * tanh(z / cap)`` when ``softcap`` is set (Gemma's ``final_logit_softcapping``):
+    the logits the model's own forward computes (``checkpoint.families.logit_postprocessing``)."""
+
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
         n = hidden.shape[0]
         valid_all = labels != IGNORE_INDEX
         n_valid = valid_all.sum().clamp(min=1)
@@ -34,6 +39,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             y = labels[start:start + chunk]
             valid = valid_all[start:start + chunk]
             logits = (h @ weight.t()).float()
+            if scale != 1.0:
+                logits.mul_(scale)
+            if softcap:
+                capped = torch.tanh(logits / softcap)  # (kept for the chain rule below)
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             loss += ((lse - target) * valid).sum()
@@ -43,6 +53,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()
                 grad[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
                 grad *= (valid.float() / n_valid).unsqueeze(1)
+                if softcap:
+                    grad *= 1.0 - capped.square()  # d(cap tanh(z / cap))/dz
+                if scale != 1.0:
+                    grad *= scale
                 if need_h:
                     grad_h[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
@@ -61,18 +75,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             (grad_w * grad_out).to(ctx.weight_dtype) if need_w else None,
             None,
             None,
+            None,
+            None,
         )
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk: int = 256) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` (already
-    shifted; IGNORE_INDEX rows skipped). ``hidden``: [N, H], ``labels``: [N]."""
-    return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+                               chunk: int = 256, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` (scaled and soft-capped as the
+    model's own logits are) against ``labels`` (already shifted; IGNORE_INDEX rows skipped).
+    ``hidden``: [N, H], ``labels``: [N]."""
+    return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk, scale, softcap)
 
 
-def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=IGNORE_INDEX)
+def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float = 1.0,
+                            softcap: float | None = None) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float() * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 class CausalLMLoss(nn.Module):
@@ -84,9 +105,13 @@ class CausalLMLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk: int = 256):
+        from lmexpand.checkpoint.families import logit_postprocessing
+
         super().__init__()
         self.model = model
         self.chunk = chunk
+        config = getattr(model, "config", None)
+        self.logit_scale, self.logit_softcap = logit_postprocessing(config.to_dict() if config is not None else {})
 
     @staticmethod
     def inputs_and_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -118,6 +143,7 @@ class CausalLMLoss(nn.Module):
         hidden = out.last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
-        loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk)
+        loss = fused_linear_cross_entropy(h, head.weight, labels.reshape(-1), self.chunk, self.logit_scale,
+                                          self.logit_softcap)
         aux = getattr(out, "aux_loss", None)
         return loss, (aux if aux is not None else torch.zeros((), device=loss.device))
