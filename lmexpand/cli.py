@@ -332,14 +332,17 @@ def _print_plan(s: dict) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved parameters per tensor group, bytes and memory; write nothing.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the random methods (dare_*, della*): mergekit's --random-seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads computing tensors  [default: CPU cores, at most 8]")
+@click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N or auto (cuda if there is one); inputs are read and outputs written from the CPU, tensor by tensor.")
+@click.option("--match-mergekit", is_flag=True, help="Magnitude trimming (ties) by mergekit's argsort, for its exact bytes where equal magnitudes tie at the threshold; default: O(n) selection, ties kept by lowest index.")
 @click.option("--eval-data", default=None, help="Held-out text (.txt/.jsonl) ranking a greedy_soup's candidates by perplexity.")
 @click.option("--eval-tokens", type=click.IntRange(min=64), default=16384, show_default=True, help="Tokens of --eval-data scored per candidate.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB, 500MB).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) inputs. Only for trusted files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads: int | None, eval_data: str | None,
-          eval_tokens: int, force: bool, max_shard_size: str, allow_pickle: bool, as_json: bool) -> None:
+def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads: int | None, device: str,
+          match_mergekit: bool, eval_data: str | None, eval_tokens: int, force: bool, max_shard_size: str,
+          allow_pickle: bool, as_json: bool) -> None:
     """Merge models in weight space from a mergekit YAML file, as is.
 
     Methods: linear (SPHINX mix, uniform soup), task_arithmetic, slerp, nuslerp, multislerp,
@@ -351,7 +354,7 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
     \b
     Examples:
       lmexpand merge sphinx.yaml out/mix --dry-run
-      lmexpand merge ties.yaml out/ties --threads 8
+      lmexpand merge ties.yaml out/ties --threads 8 --device auto
       lmexpand merge soup.yaml out/soup --eval-data valid.txt
     """
     import os
@@ -359,10 +362,11 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
     from lmexpand.checkpoint.writer import check_output
     from lmexpand.expand.executor import execute
     from lmexpand.expand.merging import load_config
-    from lmexpand.expand.merging.planner import open_models
+    from lmexpand.expand.merging.planner import open_models, resolve_device
     from lmexpand.units import parse_size
 
     shard = parse_size(max_shard_size, "--max-shard-size")
+    device = resolve_device(device)
     if out is None and not dry_run:
         raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
     threads = threads or max(1, min(8, os.cpu_count() or 1))
@@ -392,7 +396,7 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
     from lmexpand.expand.merging.files import add_files
     from lmexpand.expand.merging.planner import plan_merge
 
-    plan = plan_merge(resolved, where, seed=seed, source_text=text)
+    plan = plan_merge(resolved, where, seed=seed, source_text=text, match_mergekit=match_mergekit, device=device)
     if soup is not None:
         plan.extra_lineage["merge"]["greedy_soup"] = soup.record
     add_files(plan, resolved, where)

@@ -162,8 +162,65 @@ NEEDS_MERGEKIT = pytest.mark.skipif(not MERGEKIT_PY.exists(),
                                     reason="mergekit is not installed (bash bench/peers/install_mergekit.sh)")
 
 
+# methods whose result mergekit leaves undefined where equal magnitudes tie at the trimming
+# threshold (its non-stable argsort): lmexpand's default selection is compared tie by tie, and
+# `--match-mergekit` bitwise
+TIE_DEFINED = ("ties",)
+
+
+def _assert_differs_only_at_ties(ours: Path, theirs: Path, config: Path, what: str) -> None:
+    """Per ties tensor and model: lmexpand's kept set has mergekit's count (k), and differs
+    from the argsort's kept set only at magnitudes equal to the threshold; the outputs differ
+    only where some model's task vector holds such a tie."""
+    import torch
+
+    from lmexpand.expand.merging import plan_from
+    from lmexpand.expand.merging.methods.sparsify import top_k_mask
+    from lmexpand.expand.plan import _torch_dtype
+
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b), f"{what}: tensor names differ"
+    plan = plan_from(str(config))
+    differing = ties_seen = 0
+    for t in plan.tensors:
+        op = t.op
+        if not hasattr(op, "per_model"):
+            assert torch.equal(_bits(a[t.name]), _bits(b[t.name])), f"{what}: {t.name} (not merged) differs"
+            continue
+        work = _torch_dtype(op.work_dtype)
+        xs = [plan.readers[r.model].get_tensor(r.name).to(work) for r in op.inputs]
+        tie_positions = torch.zeros(xs[0].numel(), dtype=torch.bool)
+        for x, density in zip(xs[1:], dict(op.per_model)["density"]):
+            w = (x - xs[0]).abs().reshape(-1)
+            n = w.numel()
+            if not 0 < density < 1:
+                continue
+            k = max(1, int(density * n))
+            threshold = torch.kthvalue(w.float(), n - k + 1).values
+            ours_kept = top_k_mask(w, k)
+            argsort_kept = torch.zeros(n, dtype=torch.bool)
+            argsort_kept[torch.argsort(w.float(), descending=True)[:k]] = True
+            assert int(ours_kept.sum()) == int(argsort_kept.sum()) == k, f"{what}: {t.name}: kept count"
+            assert bool((w[ours_kept ^ argsort_kept].float() == threshold).all()), \
+                f"{what}: {t.name}: the kept sets differ away from the threshold"
+            tie_positions |= w.float() == threshold
+        ta, tb = a[t.name], b[t.name]
+        assert ta.dtype == tb.dtype and ta.shape == tb.shape, f"{what}: {t.name} dtype/shape"
+        diff = (_bits(ta).reshape(ta.numel(), -1) != _bits(tb).reshape(tb.numel(), -1)).any(dim=1)
+        assert not bool((diff & ~tie_positions).any()), \
+            f"{what}: {t.name}: {int((diff & ~tie_positions).sum())} elements differ from mergekit away from a tie"
+        differing += int(diff.sum())
+        ties_seen += int(tie_positions.sum())
+    for r in plan.readers:
+        r.close()
+    print(f"{what}: {len(a)} tensors; {differing} elements differ from mergekit, all at threshold ties "
+          f"({ties_seen} elements at a model's threshold)")
+
+
 def _compare_with_mergekit(m: dict[str, Path], work: Path, what: str, only: tuple[str, ...] = ()) -> None:
-    """Every configuration of :func:`_configs` (or ``only`` those) through both tools."""
+    """Every configuration of :func:`_configs` (or ``only`` those) through both tools; the
+    methods of ``TIE_DEFINED`` once by default (ties only may differ) and once with
+    ``--match-mergekit`` (bitwise)."""
     work.mkdir()
     jobs = []
     for name, (cfg, seed) in _configs(m).items():
@@ -181,7 +238,12 @@ def _compare_with_mergekit(m: dict[str, Path], work: Path, what: str, only: tupl
         ours = work / f"lx-{name}"
         args = ["merge", config, str(ours), "--threads", "2"] + (["--seed", str(seed)] if seed is not None else [])
         assert main(args) == 0, name
-        _assert_bitwise(ours, Path(mk_out), f"{what}/{name}")
+        if name in TIE_DEFINED:
+            _assert_differs_only_at_ties(ours, Path(mk_out), Path(config), f"{what}/{name}")
+            assert main(args[:2] + [str(ours) + "-match"] + args[3:] + ["--match-mergekit"]) == 0, name
+            _assert_bitwise(Path(str(ours) + "-match"), Path(mk_out), f"{what}/{name} --match-mergekit")
+        else:
+            _assert_bitwise(ours, Path(mk_out), f"{what}/{name}")
 
 
 @NEEDS_MERGEKIT
@@ -310,19 +372,72 @@ def test_dry_run_reports_groups_and_memory(merge_root, tmp_path, capsys):
 
 
 def test_recipe_surgery_merge(merge_root, tmp_path):
-    """The same merge as a recipe's surgery, so merge -> eval is one job."""
+    """The same merge as a recipe's surgery, so merge -> eval is one job; the command's
+    options are the surgery's arguments."""
     m = _variants(merge_root, "llama", "bfloat16")
-    cfg, _ = _configs(m)["task_arithmetic"]
+    cfg, _ = _configs(m)["ties"]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"),
-                                      "surgery": {"method": "merge", "args": {"config": cfg}}}))
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "surgery": {
+        "method": "merge", "args": {"config": cfg, "match_mergekit": True, "device": "auto"}}}))
     assert main(["run", str(recipe)]) == 0
     ref = tmp_path / "ref"
-    assert main(["merge", str(_write(tmp_path, cfg)), str(ref)]) == 0
+    assert main(["merge", str(_write(tmp_path, cfg)), str(ref), "--match-mergekit"]) == 0
     a, b = _tensors(tmp_path / "w" / "expanded"), _tensors(ref)
     import torch
 
     assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
+def test_device_auto_and_cpu_give_the_same_bytes(merge_root, tmp_path):
+    """--device auto is CUDA only when torch sees a GPU; on this CPU it is the CPU path, bitwise
+    (a random method too: its generator lives on the device); the device is recorded."""
+    import torch
+
+    m = _variants(merge_root, "llama", "bfloat16")
+    cfg, seed = _configs(m)["dare_ties"]
+    path = _write(tmp_path, cfg)
+    outs = {}
+    for device in ("cpu", "auto"):
+        outs[device] = tmp_path / device
+        assert main(["merge", str(path), str(outs[device]), "--device", device, "--seed", str(seed)]) == 0
+    lineage = json.loads((outs["auto"] / "lmexpand.json").read_text())
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lineage["arguments"]["device"] == want and lineage["arguments"]["match_mergekit"] is False
+    if want == "cpu":
+        a, b = _tensors(outs["cpu"]), _tensors(outs["auto"])
+        assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
+def test_magnitude_selection_is_exact_off_ties():
+    """The O(n) selection keeps exactly k elements: all above the k-th largest magnitude, and
+    of those equal to it the lowest indices; it differs from an argsort only at the threshold."""
+    import torch
+
+    from lmexpand.expand.merging.methods.sparsify import kth_largest, magnitude, top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        t = (torch.randn(300, 70, generator=g) * 1e-3).to(dtype)
+        t[0, :40] = 0  # zeros: ties at the bottom
+        t[1, :30] = t[2, 5]  # a block of equal magnitudes
+        w = t.abs().reshape(-1)
+        n = w.numel()
+        for k in (1, 2, 29, n // 3, n // 2, n - 45, n - 1, n):
+            value, above, equal = kth_largest(w, k) if k < n else (w.min(), 0, 0)
+            if k < n:
+                assert value == torch.kthvalue(w, n - k + 1).values, (dtype, k)
+                assert above == int((w > value).sum()) and equal == int((w == value).sum())
+            mask = top_k_mask(w, k)
+            assert int(mask.sum()) == k, (dtype, k)
+            if k < n:
+                assert bool((w[mask] >= value).all()) and bool((w[~mask] <= value).all())
+                ties = torch.nonzero(w == value).reshape(-1)
+                kept = mask[ties]
+                assert bool(kept[:int(kept.sum())].all()), "ties are kept by lowest index"
+        a = magnitude(t, 0.4, False, match_mergekit=True)
+        b = magnitude(t, 0.4, False)
+        value = kth_largest(w, int(0.4 * n))[0]
+        assert bool((w[(a != b).reshape(-1)] == value).all())
 
 
 # -- bad inputs: exit 2, one paragraph, nothing written ---------------------------------------
@@ -359,6 +474,15 @@ def _bad_cases(m: dict[str, Path], tmp: Path) -> dict[str, tuple[dict, str]]:
                        "finite"),
         "both layouts": ({"merge_method": "linear", "models": [{"model": a}],
                           "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}, "exactly one of"),
+        "nearswap three": ({"merge_method": "nearswap", "base_model": base, "parameters": {"t": 0.001},
+                            "models": [{"model": base}, {"model": a}, {"model": b}]}, "the base and one other"),
+        "multislerp no weight": ({"merge_method": "multislerp", "models": [{"model": a}, {"model": b}]}, "weight of"),
+        "arcee_fusion no base": ({"merge_method": "arcee_fusion", "models": [{"model": a}, {"model": b}]},
+                                 "base_model"),
+        "karcher max_iter": ({"merge_method": "karcher", "parameters": {"max_iter": -1},
+                              "models": [{"model": a}, {"model": b}]}, "max_iter -1 is negative"),
+        "sce weight": ({"merge_method": "sce", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5}}]}, "'weight' is not a parameter of sce"),
         "layer range": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 9]}]}]},
                         "past it"),
     }

@@ -29,6 +29,9 @@ class MergeConfig(MethodConfig):
     config: Union[str, dict[str, Any]] = Field(description="a mergekit YAML file, or its content inline (recipes)")
     seed: Optional[int] = Field(None, ge=0, description="seed of the random methods (dare_*, della*): mergekit's "
                                 "--random-seed; default: a fresh one, recorded in lmexpand.json")
+    match_mergekit: bool = Field(False, description="magnitude trimming (ties) by mergekit's argsort, for its exact "
+                                 "bytes at threshold ties; default: O(n) selection, ties kept by lowest index")
+    device: str = Field("cpu", description="where tensors are computed: cpu, cuda, cuda:N or auto")
 
 
 def load_config(config: Union[str, Path, dict], *, allow_pickle: bool = False):
@@ -45,9 +48,11 @@ def load_config(config: Union[str, Path, dict], *, allow_pickle: bool = False):
     return parse_merge_file(doc, str(path)), str(path), path.read_text(encoding="utf-8"), path.resolve().parent
 
 
-def plan_from(config: Union[str, Path, dict], *, seed: Optional[int] = None, allow_pickle: bool = False):
-    from lmexpand.expand.merging.planner import open_models, plan_merge
+def plan_from(config: Union[str, Path, dict], *, seed: Optional[int] = None, allow_pickle: bool = False,
+              match_mergekit: bool = False, device: str = "cpu"):
+    from lmexpand.expand.merging.planner import open_models, plan_merge, resolve_device
 
+    device = resolve_device(device, "device:")
     file, where, text, directory = load_config(config)
     resolved = open_models(file, where, allow_pickle=allow_pickle, relative_to=directory)
     if resolved.method is None:
@@ -57,7 +62,7 @@ def plan_from(config: Union[str, Path, dict], *, seed: Optional[int] = None, all
                           "`lmexpand merge CONFIG OUT --eval-data FILE`.")
     from lmexpand.expand.merging.files import add_files
 
-    plan = plan_merge(resolved, where, seed=seed, source_text=text)
+    plan = plan_merge(resolved, where, seed=seed, source_text=text, match_mergekit=match_mergekit, device=device)
     add_files(plan, resolved, where)
     return plan
 
@@ -70,4 +75,4 @@ def plan_from(config: Union[str, Path, dict], *, seed: Optional[int] = None, all
     help="Merge models from a mergekit configuration; `lmexpand merge CONFIG OUT` is the same with more options.",
 )
 def plan(readers, cfg: MergeConfig):
-    return plan_from(cfg.config, seed=cfg.seed)
+    return plan_from(cfg.config, seed=cfg.seed, match_mergekit=cfg.match_mergekit, device=cfg.device)

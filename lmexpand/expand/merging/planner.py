@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -30,8 +30,8 @@ class RandomStream:
     tensor names, then models in configuration order: mergekit's order), whichever worker
     thread computes the tensor."""
 
-    def __init__(self, seed: int, turns: int):
-        self.seed, self.turns = seed, turns
+    def __init__(self, seed: int, turns: int, device: str = "cpu"):
+        self.seed, self.turns, self.device = seed, turns, device
         self._cond = threading.Condition()
         self._next = 0
         self._gen: Optional["torch.Generator"] = None
@@ -41,7 +41,7 @@ class RandomStream:
 
         with self._cond:
             if turn == 0 and self._next in (0, self.turns):  # (re)start
-                self._gen, self._next = torch.Generator().manual_seed(self.seed), 0
+                self._gen, self._next = torch.Generator(device=self.device).manual_seed(self.seed), 0
             while self._next != turn:
                 if not self._cond.wait(timeout=600):
                     raise RuntimeError(f"random draw {turn} waited 10 minutes for draw {self._next} (a bug)")
@@ -75,6 +75,8 @@ class MergeTensor:
     work_dtype: str
     turn: int = -1
     stream: Optional[RandomStream] = field(default=None, compare=False, repr=False)
+    match_mergekit: bool = False  # mergekit's argsort for magnitude trimming (its bytes at threshold ties)
+    device: str = "cpu"  # where the arithmetic runs; inputs are read on the CPU and the result returns there
 
     def _compute(self, get, shape, dtype) -> "torch.Tensor":
         import torch
@@ -85,13 +87,15 @@ class MergeTensor:
             if self.stream is not None:
                 self.stream.release(self.turn)
             return tensors[0]
-        tensors = [t.to(work) for t in tensors]
+        tensors = [t.to(device=self.device, dtype=work) for t in tensors]
         draw = None
         if self.stream is not None:
             draw = lambda fn: self.stream.draw(self.turn, fn)  # noqa: E731
-        x = Inputs(tensors, self.base_index, {k: list(v) for k, v in self.per_model}, draw)
+        x = Inputs(tensors, self.base_index, {k: list(v) for k, v in self.per_model}, draw, self.match_mergekit)
         with torch.no_grad():
-            return METHODS[self.method].fn(x, **dict(self.shared))
+            result = METHODS[self.method].fn(x, **dict(self.shared))
+        del x, tensors
+        return result.cpu()
 
     def compute(self, get, shape, dtype) -> "torch.Tensor":
         try:
@@ -225,8 +229,10 @@ def _promote(dtypes: list[str]) -> str:
     return st_dtype_of(torch.empty(0, dtype=d))
 
 
-def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_text: str = "") -> Plan:
-    """The plan: every output tensor's inputs, resolved parameters and dtypes."""
+def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_text: str = "",
+               match_mergekit: bool = False, device: str = "cpu") -> Plan:
+    """The plan: every output tensor's inputs, resolved parameters and dtypes. ``device``: a
+    resolved torch device (:func:`resolve_device`)."""
     method = r.method
     assert method is not None
     file = r.file
@@ -275,13 +281,14 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
     if method.random:
         if seed is None:
             seed = secrets.randbelow(2**31)
-        stream = RandomStream(seed, len(names))
+        stream = RandomStream(seed, len(names), device)
         random_turns = len(names)
     plans = []
     for turn, name in enumerate(names):
         op, dtype, shape = tensors[name]
-        if isinstance(op, MergeTensor) and stream is not None:
-            op = MergeTensor(op.method, op.inputs, op.base_index, op.shared, op.per_model, op.work_dtype, turn, stream)
+        if isinstance(op, MergeTensor):
+            op = replace(op, turn=turn if stream is not None else -1, stream=stream, match_mergekit=match_mergekit,
+                         device=device)
         plans.append(TensorPlan(name, dtype, shape, op))
     donor_i = r.base if r.base is not None else r.slices[0]["sources"][0][0]
     donor = r.readers[donor_i]
@@ -299,7 +306,8 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
     resolved_cfg = file.model_dump(mode="json", exclude_none=True)
     return Plan(
         method="merge",
-        arguments={"merge_method": method.name, "seed": seed if method.random else None},
+        arguments={"merge_method": method.name, "seed": seed if method.random else None,
+                   "match_mergekit": match_mergekit, "device": device},
         sources=[rd.path for rd in r.readers],
         config=config,
         tensors=plans,
@@ -455,3 +463,25 @@ def _resolve(p, scopes, tensor_name: str, t: float, problems: dict, *, where: st
         if msg:
             problems.setdefault(f"check:{where}:{msg}", f"parameters: {where}: {msg} (for {tensor_name})")
     return value
+
+
+def resolve_device(device: str, what: str = "--device") -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when torch sees a GPU, else CPU) -> a
+    torch device string; a device that is not there is the user's to fix (exit 2)."""
+    import torch
+
+    value = (device or "cpu").strip().lower()
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return "cpu"
+    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {device}: torch sees no CUDA device here (torch {torch.__version__}); use "
+                              f"{what} cpu, or auto to use a GPU only when there is one.")
+        index = int(value[5:]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{what} {device}: there are {torch.cuda.device_count()} CUDA device(s); give cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}, auto, or {what} cpu.")
+        return value
+    raise ConfigError(f"{what} {device!r} is not a device; use cpu, cuda, cuda:N or auto.")

@@ -56,7 +56,7 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
     for i, other in enumerate(others):
         d = other - base  # one model's delta at a time (memory)
         if sparsify == "magnitude":
-            d = magnitude(d, density[i], rescale)
+            d = magnitude(d, density[i], rescale, match_mergekit=x.match_mergekit)
         elif sparsify == "outliers":
             d = outliers(d, density[i], rescale, x.per_model["gamma"][i])
         elif sparsify == "random" and masks[i] is not None:
