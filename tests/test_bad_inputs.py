@@ -638,6 +638,23 @@ CASES: list[Case] = [
              "--force"], ("m-into-a",)),
     Case("merge-config-not-mapping", "a merge file that is a YAML list",
          lambda c: ["merge", c.file("m-list.yaml", "- merge_method: linear\n"), c.out], ("YAML mapping",)),
+    Case("merge-device", "a --device that is not one",
+         lambda c: ["merge", _merge(c, "m-device", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out, "--device", "tpu"],
+         ("--device", "cpu, cuda, cuda:N or auto")),
+    Case("merge-device-missing", "a CUDA device that is not there",
+         lambda c: ["merge", _merge(c, "m-cuda", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out, "--device", "cuda:99"],
+         ("--device cuda:99", "--device cpu")),
+    Case("merge-nearswap-three", "nearswap of three models",
+         lambda c: ["merge", _merge(c, "m-nearswap", {"merge_method": "nearswap", "base_model": str(c.tiny),
+                                                      "parameters": {"t": 0.001}, "models": [
+             {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}, {"model": str(c.model_copy("m-b"))}]}),
+             c.out], ("nearswap takes exactly 2 models", "the base and one other")),
+    Case("merge-multislerp-weight", "multislerp without weights",
+         lambda c: ["merge", _merge(c, "m-mslerp", {"merge_method": "multislerp", "models": [
+             {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}]}), c.out], ("weight of",)),
+
 
     # -- logit compositions and generate --------------------------------------------------
     Case("logit-sum-one-member", "a logit sum of a single model",
