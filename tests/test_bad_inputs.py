@@ -75,6 +75,39 @@ def _recipe(ctx: Ctx, name: str, doc: dict | str) -> Path:
     return ctx.file(f"{name}/r.yaml", text)
 
 
+_CHAT_OK = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]}
+
+
+def _chat_file(ctx: Ctx, name: str, bad: dict | None = None) -> Path:
+    """Five good conversations, then ``bad`` as record 6."""
+    records = [_CHAT_OK] * 5 + ([bad] if bad is not None else [])
+    return ctx.file(name, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _train_chat(ctx: Ctx, data, *extra) -> list:
+    return ["train", "--model", ctx.pro, "--data", data, "--chat", "messages", "--out", ctx.out, "--seq-len", "64",
+            "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--no-tensorboard", *extra]
+
+
+def _parquet(ctx: Ctx, name: str, rows: list[dict]) -> Path:
+    from datasets import Dataset
+
+    p = ctx.root / "inputs" / name
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Dataset.from_list(rows).to_parquet(str(p))
+    return p
+
+
+def _saved_splits(ctx: Ctx) -> Path:
+    from datasets import Dataset, DatasetDict
+
+    p = ctx.root / "inputs" / "saved-splits"
+    if not p.exists():
+        DatasetDict({"test": Dataset.from_list([{"text": "a b c"}] * 4)}).save_to_disk(str(p))
+    return p
+
+
 def _index(ctx: Ctx, name: str, weight_map: dict) -> Path:
     d = ctx.model_copy(name)
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -476,6 +509,87 @@ CASES: list[Case] = [
     Case("recipe-lr-inf", "a recipe with lr: .inf",
          lambda c: ["run", _recipe(c, "lr-inf", "train:\n  model: " + str(c.pro) + "\n  data: [{path: " + str(c.data)
                                    + "}]\n  lr: .inf\n")], ("lr", "finite")),
+    # -- training data: chat, formats, mixtures ------------------------------------------
+    Case("train-chat-no-messages", "--chat messages on records without a messages field",
+         lambda c: _train_chat(c, c.data, "--chat-template", "chatml"), ("'messages'", "data.jsonl:1", "--chat")),
+    Case("train-chat-roles-order", "a conversation whose first turn is the assistant's",
+         lambda c: _train_chat(c, _chat_file(c, "order.jsonl", {"messages": [
+             {"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]}), "--chat-template", "chatml"),
+         ("order.jsonl: record 6", "turn 1 is 'assistant'", "Fix the order")),
+    Case("train-chat-empty-answer", "a conversation with an empty assistant turn",
+         lambda c: _train_chat(c, _chat_file(c, "empty-answer.jsonl", {"messages": [
+             {"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}), "--chat-template", "chatml"),
+         ("empty-answer.jsonl: record 6", "empty assistant turn", "Fill in the answer")),
+    Case("train-chat-unanswered", "a conversation ending with a user turn",
+         lambda c: _train_chat(c, _chat_file(c, "unanswered.jsonl", {"messages": [
+             {"role": "user", "content": "q"}]}), "--chat-template", "chatml"),
+         ("unanswered.jsonl: record 6", "does not end with an assistant turn")),
+    Case("train-chat-bad-turn", "a turn without content",
+         lambda c: _train_chat(c, _chat_file(c, "no-content.jsonl", {"messages": [
+             {"role": "user"}, {"role": "assistant", "content": "a"}]}), "--chat-template", "chatml"),
+         ("no-content.jsonl: record 6", "turn 1")),
+    Case("train-chat-no-template", "chat data for a model whose tokenizer has no chat template",
+         lambda c: _train_chat(c, _chat_file(c, "chat.jsonl")), ("no chat template", "--chat-template chatml")),
+    Case("train-chat-template-missing", "--chat-template naming a file that does not exist",
+         lambda c: _train_chat(c, _chat_file(c, "chat2.jsonl"), "--chat-template", c.root / "nope.jinja"),
+         ("nope.jinja", "no such file")),
+    Case("train-chat-template-silent", "a chat template that renders nothing to learn",
+         lambda c: _train_chat(c, _chat_file(c, "chat3.jsonl"), "--chat-template", c.file(
+             "silent.jinja", "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+                             "{% endfor %}")), ("record 1", "renders nothing to learn", "--chat-template")),
+    Case("train-chat-on-text", "--chat on a plain-text file",
+         lambda c: _train_chat(c, c.file("plain.txt", "just text\n"), "--chat-template", "chatml"),
+         ("plain.txt", "--chat reads records")),
+    Case("train-parquet-wrong-type", "a parquet text column holding numbers",
+         lambda c: ["train", "--model", c.pro, "--data", _parquet(c, "ints.parquet", [{"text": i} for i in range(9)]),
+                    "--out", c.out, "--seq-len", "32", "--max-steps", "2", "--no-tensorboard"],
+         ("ints.parquet", "'text' holds int64, not text", "--template")),
+    Case("train-parquet-missing-column", "a parquet file without the template's column",
+         lambda c: _train(c, c.pro, _parquet(c, "cols.parquet", [{"q": "a", "a": "b"}] * 3)),
+         ("cols.parquet", "'question'", "Fields present: q (string), a (string)")),
+    Case("train-parquet-chat-type", "a parquet messages column that is not a list of turns",
+         lambda c: _train_chat(c, _parquet(c, "msgs.parquet", [{"messages": "hello"}] * 3), "--chat-template",
+                               "chatml"), ("msgs.parquet", "'messages' holds string", "list of {role, content}")),
+    Case("train-not-parquet", "a .parquet file that is not parquet",
+         lambda c: _train(c, c.pro, c.file("fake.parquet", "question,answer\n")), ("fake.parquet", "not a readable")),
+    Case("train-saved-no-train-split", "a save_to_disk directory without a train split",
+         lambda c: ["train", "--model", c.pro, "--data", _saved_splits(c), "--out", c.out, "--seq-len", "32",
+                    "--no-tensorboard"],
+         ("test", "saved-splits/test")),
+    Case("train-plain-directory", "a directory that save_to_disk did not write",
+         lambda c: _train(c, c.pro, c.file("somedir/x.parquet", "x").parent), ("somedir", "save_to_disk")),
+    Case("train-hub-id", "a Hugging Face Hub dataset id as --data",
+         lambda c: _train(c, c.pro, "openai/gsm8k"), ("never downloads", "hf download openai/gsm8k")),
+    Case("train-weight-zero", "a mixture weight of 0",
+         lambda c: _train(c, c.pro, f"{c.data}:0"), ("--data", "positive finite")),
+    Case("train-weight-negative", "a negative mixture weight",
+         lambda c: _train(c, c.pro, f"{c.data}:-0.5"), ("-0.5", "positive finite")),
+    Case("train-weight-nan", "a mixture weight of nan",
+         lambda c: _train(c, c.pro, f"{c.data}:nan"), ("nan", "positive finite")),
+    Case("train-weights-partial", "a mixture where one source has no weight",
+         lambda c: _train(c, c.pro, f"{c.data}:0.7", "--data", c.data), ("give every source a weight",)),
+    Case("recipe-weight-inf", "a recipe data entry with weight: .inf",
+         lambda c: ["run", _train_recipe(c, "w-inf", data=[{"path": str(c.data), "template": TEMPLATE,
+                                                            "weight": float("inf")}])],
+         ("train", "weight", "positive finite")),
+    Case("recipe-weight-zero", "a recipe data entry with weight: 0",
+         lambda c: ["run", _train_recipe(c, "w-zero", data=[{"path": str(c.data), "template": TEMPLATE, "weight": 0}]),
+                    "--check"], ("data.jsonl", "positive finite")),
+    Case("recipe-train-stages-empty", "a recipe whose train section is an empty list",
+         lambda c: ["run", _recipe(c, "no-stages", {"surgery": {"method": "llama-pro", "source": str(c.tiny),
+                                                               "args": {"add": 1}}, "train": []})],
+         ("train", "empty list")),
+    Case("run-check-chat-no-template", "run --check: chat data for a model without a chat template",
+         lambda c: ["run", _train_recipe(c, "chk-chat", data=[{"path": str(_chat_file(c, "chat4.jsonl")),
+                                                               "chat": "messages"}]), "--check"],
+         ("no chat template", "chat_template: chatml")),
+    Case("run-check-stage-chat", "run --check: a second train stage with a malformed conversation",
+         lambda c: ["run", _recipe(c, "stages", {
+             "train": [{"model": str(c.pro), "data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32},
+                       {"data": [{"path": str(_chat_file(c, "chat5.jsonl", {"messages": [
+                           {"role": "user", "content": "q"}, {"role": "user", "content": "q"}]})), "chat": "messages"}],
+                        "chat_template": "chatml", "seq_len": 32}]}), "--check"],
+         ("chat5.jsonl: record 6", "turn 2 is 'user'")),
     # -- checks before the work --------------------------------------------------------
     Case("run-check-missing-field", "run --check: the template names a field the data lacks",
          lambda c: ["run", _train_recipe(c, "chk-field", data=[{"path": str(c.data), "template": "{nope}"}]),
@@ -654,7 +768,6 @@ CASES: list[Case] = [
     Case("merge-multislerp-weight", "multislerp without weights",
          lambda c: ["merge", _merge(c, "m-mslerp", {"merge_method": "multislerp", "models": [
              {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}]}), c.out], ("weight of",)),
-
 
     # -- logit compositions and generate --------------------------------------------------
     Case("logit-sum-one-member", "a logit sum of a single model",
