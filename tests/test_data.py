@@ -274,3 +274,17 @@ def test_document_masking_blocks_carry_positions(tiny_tok, gsm8k_small):
     assert np.array_equal(data.train_blocks[:, 0], plain.train_blocks)
     starts = data.train_blocks[:, 1] == 0
     assert starts[:, 0].all() and starts.sum() > len(starts)  # every block starts at 0; documents restart inside
+
+
+def test_a_bad_conversation_deep_in_the_file_stops_before_training(tiny_tok, tmp_path):
+    """Beyond the records `run --check` looks at, every conversation is still checked while
+    the data is read, before the first step, and the error names its record."""
+    from lmexpand.train.data import CHAT_CHECKED, check_sources
+
+    good = {"messages": CONVERSATION[1:3]}
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
+    path = write_jsonl(tmp_path / "deep.jsonl", [good] * (CHAT_CHECKED + 5) + [bad])
+    src = DataSource(path=path, chat="messages")
+    check_sources([src])  # the first records are fine
+    with pytest.raises(ConfigError, match=f"deep.jsonl: record {CHAT_CHECKED + 6}: turn 2 is an empty assistant"):
+        load(tiny_tok, src, chat_template="chatml", seq_len=64)
