@@ -11,6 +11,8 @@ clone, safetensors, lazy loader) and --num-threads equal to the cores; lmexpand 
 <= 1/4 of mergekit's, within 2x of the I/O floor.
 
     .venv/bin/python bench/merge.py [--layers 22] [--repeat 3] [--methods linear,slerp,ties,dare_ties]
+    .venv/bin/python bench/merge.py --methods ties,ties+match   # + lmexpand --match-mergekit (argsort)
+    .venv/bin/python bench/merge.py --device cuda               # lmexpand --device cuda vs mergekit --cuda
 
 Needs mergekit: bash bench/peers/install_mergekit.sh
 """
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default="linear,slerp,ties,dare_ties")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", help="lmexpand --device; a cuda device also gives mergekit --cuda")
     args = ap.parse_args()
     if not MERGEKIT.exists():
         raise SystemExit("mergekit is not installed: bash bench/peers/install_mergekit.sh")
@@ -136,12 +139,15 @@ def main() -> None:
     for method in args.methods.split(","):
         import yaml
 
-        cfg = work / f"{method}.yaml"
-        cfg.write_text(yaml.safe_dump(cfgs[method]))
+        # "<method>+match": lmexpand with --match-mergekit (ties: mergekit's argsort instead of the O(n) selection)
+        name, match = method.split("+")[0], method.endswith("+match")
+        cfg = work / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(cfgs[name]))
         lx_cmd = [str(ROOT / ".venv" / "bin" / "lmexpand"), "-q", "merge", str(cfg), str(work / "lx"), "--force",
-                  "--threads", str(args.threads), "--seed", "0"]
+                  "--threads", str(args.threads), "--seed", "0", "--device", args.device] + \
+            (["--match-mergekit"] if match else [])
         mk_cmd = [str(MERGEKIT), str(cfg), str(work / "mk"), "--random-seed", "0", "--num-threads", str(args.threads),
-                  "--no-copy-tokenizer", "--quiet"]
+                  "--no-copy-tokenizer", "--quiet"] + (["--cuda"] if args.device.startswith("cuda") else [])
         best = {"lmexpand": (1e9, 0.0), "mergekit": (1e9, 0.0)}
         for _ in range(args.repeat):
             for tool, cmd in (("mergekit", mk_cmd), ("lmexpand", lx_cmd)):
@@ -150,8 +156,8 @@ def main() -> None:
                 print(f"  {method} {tool}: {s:.1f} s, peak RSS {rss:,.0f} MiB", flush=True)
                 if s < best[tool][0]:
                     best[tool] = (s, max(rss, best[tool][1]) if best[tool][1] else rss)
-        inputs = sorted({Path(m["model"]) for m in cfgs[method]["models"]} | (
-            {Path(cfgs[method]["base_model"])} if "base_model" in cfgs[method] else set()))
+        inputs = sorted({Path(m["model"]) for m in cfgs[name]["models"]} | (
+            {Path(cfgs[name]["base_model"])} if "base_model" in cfgs[name] else set()))
         floor = min(io_floor(inputs, work / "floor") for _ in range(args.repeat))
         (lx_s, lx_rss), (mk_s, mk_rss) = best["lmexpand"], best["mergekit"]
         rows.append((method, lx_s, mk_s, lx_rss, mk_rss, floor))

@@ -472,6 +472,38 @@ def _perplexity_scorer(eval_data: str, max_tokens: int, tokenizer_dir: Path):
     return lambda model: perplexity(model, ids, seq_len=256, stride=256)["ppl"]
 
 
+@cli.command("extract-lora", context_settings=_CONTEXT)
+@click.argument("tuned")
+@click.argument("base")
+@click.argument("out")
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="LoRA rank r (per module at most its smaller dimension).")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N or auto.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) inputs. Only for trusted files.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+def extract_lora_command(tuned: str, base: str, out: str, rank: int, device: str, force: bool, allow_pickle: bool,
+                         as_json: bool) -> None:
+    """Extract a fine-tune's change over its base as a PEFT LoRA adapter.
+
+    Truncated SVD of each linear projection's weight change (rank R), changed biases in
+    lora_B.bias, other changed tensors (embeddings, norms, head) stored whole; prints the
+    relative error per module. Load it with peft: PeftModel.from_pretrained(base_model, OUT).
+
+    \b
+    Example:
+      lmexpand extract-lora out/full-ft smollm2-135m out/full-ft-lora --rank 32
+    """
+    from lmexpand.expand.merging.extract_lora import extract_lora, summary_line
+    from lmexpand.expand.merging.planner import resolve_device
+
+    report = extract_lora(tuned, base, out, rank, force=force, device=resolve_device(device),
+                          allow_pickle=allow_pickle, progress=log.debug)
+    if as_json:
+        click.echo(json.dumps({"output": out, **report}, indent=2))
+    else:
+        log.info("wrote %s", summary_line(report, Path(out)))
+
+
 # -- train --------------------------------------------------------------------------------
 _TRAIN_MANUAL = {"model", "data", "out", "lora", "betas", "trainable", "extra_trainable"}
 

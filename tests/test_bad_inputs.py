@@ -765,6 +765,10 @@ CASES: list[Case] = [
                                                       "parameters": {"t": 0.001}, "models": [
              {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}, {"model": str(c.model_copy("m-b"))}]}),
              c.out], ("nearswap takes exactly 2 models", "the base and one other")),
+    Case("extract-lora-vocab", "LoRA extraction from a model with another vocabulary",
+         lambda c: ["extract-lora", c.qwen, c.tiny, c.out, "--rank", "2"], ("is a qwen2 model", "fine-tune of BASE")),
+    Case("extract-lora-rank", "LoRA extraction of rank 0",
+         lambda c: ["extract-lora", c.model_copy("xl-a"), c.tiny, c.out, "--rank", "0"], ("--rank", "x>=1")),
     Case("merge-multislerp-weight", "multislerp without weights",
          lambda c: ["merge", _merge(c, "m-mslerp", {"merge_method": "multislerp", "models": [
              {"model": str(c.tiny)}, {"model": str(c.model_copy("m-a"))}]}), c.out], ("weight of",)),

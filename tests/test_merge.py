@@ -576,3 +576,84 @@ def test_greedy_soup_keeps_only_what_helps(merge_root, tmp_path):
     # without --eval-data: a usage error, nothing written
     assert main(["merge", str(_write(tmp_path, cfg, "again.yaml")), str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+# -- LoRA extraction ---------------------------------------------------------------------------
+def _low_rank_fine_tune(base: Path, out: Path, rank: int) -> Path:
+    """BASE + a random rank-``rank`` change on every linear projection of the layers, a
+    changed q/k/v bias and a changed final norm (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                rows, cols = module.weight.shape
+                module.weight += (torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g)) * 0.01
+                if module.bias is not None:
+                    module.bias += 0.01 * torch.randn(module.bias.shape, generator=g)
+        model.model.norm.weight.mul_(1.1)
+    model.save_pretrained(out)
+    return out
+
+
+def test_extract_lora_recovers_a_low_rank_fine_tune(tmp_path):
+    """A model built as BASE + a rank-3 change: the rank-3 adapter recovers every projection
+    (relative error at fp32 precision), stock peft loads it onto BASE and reproduces the tuned
+    logits; rank 1 reports the error it leaves; mergekit's extractor gives the same factors."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import build_tiny_model
+
+    base = build_tiny_model("qwen2", tmp_path / "base")  # q/k/v biases
+    tuned = _low_rank_fine_tune(base, tmp_path / "tuned", 3)
+    out = tmp_path / "lora"
+    assert main(["extract-lora", str(tuned), str(base), str(out), "--rank", "3"]) == 0
+    report = json.loads((out / "extract_lora.json").read_text())
+    assert report["modules"] == 4 * 7 and report["max_relative_error"] < 1e-5, report["max_relative_error"]
+    assert report["stored_whole"] == ["model.norm.weight"]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["model.norm"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["lora_alpha"] == 3 and config["lora_bias"] is True
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70, 101, 7]])
+    with torch.no_grad():
+        got, want, before = model(ids).logits, ref(ids).logits, plain(ids).logits
+    gap = (got - want).abs().max().item()
+    print(f"extract-lora rank 3: logits within {gap:.2g} of the tuned model (base was {(before - want).abs().max():.2g} away)")
+    assert gap < 1e-4 and (before - want).abs().max().item() > 1e-2
+    low = tmp_path / "lora1"
+    assert main(["extract-lora", str(tuned), str(base), str(low), "--rank", "1"]) == 0
+    assert json.loads((low / "extract_lora.json").read_text())["max_relative_error"] > 0.1
+    if MERGEKIT_PY.exists():
+        from safetensors.torch import load_file
+
+        mk = tmp_path / "mk"
+        run = subprocess.run([str(MERGEKIT_PY.parent / "mergekit-extract-lora"), "--model", str(tuned), "--base-model",
+                              str(base), "--out-path", str(mk), "--max-rank", "3"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(mk / "adapter_model.safetensors")
+        factors = [k for k in theirs if ".lora_A." in k or ".lora_B.weight" in k]
+        assert factors and all(k in ours for k in factors)
+        worst = max((ours[k] - theirs[k]).abs().max().item() for k in factors)
+        print(f"extract-lora vs mergekit-extract-lora: {len(factors)} factors, max |d| {worst:.2g}")
+        assert worst < 1e-6
+
+
+def test_extract_lora_refuses_models_that_differ(tmp_path, capsys):
+    from tests.tiny import build_tiny_model
+
+    base = build_tiny_model("llama", tmp_path / "base")
+    for other, needle in ((build_tiny_model("llama", tmp_path / "vocab", vocab_size=384), "vocabularies differ"),
+                          (build_tiny_model("qwen2", tmp_path / "qwen"), "is a qwen2 model")):
+        out = tmp_path / "out"
+        assert main(["extract-lora", str(other), str(base), str(out), "--rank", "2"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+        assert not out.exists()
