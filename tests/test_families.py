@@ -276,9 +276,12 @@ def check_merge(c: Case) -> None:
     from tests.test_merge import _bits, _configs, _tensors, _variants
 
     if not (MERGEKIT_PY.exists() and _mergekit_defines(c.family.causal_lm_class)):
+        import shutil
+
+        shutil.copytree(c.src, c.tmp / "copy")
         cfg = {"merge_method": "linear", "dtype": "float32",
                "models": [{"model": str(c.src), "parameters": {"weight": 1.0}},
-                          {"model": str(c.src), "parameters": {"weight": 1.0}}]}
+                          {"model": str(c.tmp / "copy"), "parameters": {"weight": 1.0}}]}
         (c.tmp / "self.yaml").write_text(yaml.safe_dump(cfg))
         c.ok("merge", c.tmp / "self.yaml", c.tmp / "self")
         ours, src = _tensors(c.tmp / "self"), _tensors(c.src)
@@ -403,3 +406,18 @@ def matrix_cache() -> dict:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_family_command(variant, name, tiny_root, tmp_path, capsys, matrix_cache, gsm8k_small):
     COMMANDS[name](Case(variant, tiny_root, tmp_path, capsys, matrix_cache, gsm8k_small))
+
+
+def test_docs_table_has_a_row_per_family():
+    """README and docs/families.md carry the same family x command table, a row per family."""
+    from lmexpand.checkpoint.families import FAMILIES
+
+    def table(text: str) -> list[str]:
+        start = text.index("| family (`model_type`)")
+        return text[start:text.index("\n\n", start)].splitlines()
+
+    doc, readme = table((ROOT / "docs" / "families.md").read_text()), table((ROOT / "README.md").read_text())
+    assert doc == readme
+    rows = {line.split("|")[1].strip() for line in doc[2:]}
+    assert rows == {f"{f.name} (`{f.model_types[0]}`)" for f in FAMILIES.values()}
+    assert {v for v in VARIANTS if v in FAMILIES} == set(FAMILIES)  # a tiny model (a matrix row) per family

@@ -24,7 +24,16 @@ def _legacy_rope(cfg: dict[str, Any]) -> bool:
     its sub-configs (``text_config`` and the like); True if anything was added."""
     changed = False
     rope = cfg.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:  # not the per-layer-type form
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        # the per-layer-type form (Gemma-3, OLMo-3): 4.x reads the global layers' settings at
+        # the top level and the sliding layers' theta as rope_local_base_freq (Gemma-3's name;
+        # a class that rotates every layer alike ignores it)
+        local = (rope.get("sliding_attention") or {}).get("rope_theta")
+        if local is not None and "rope_local_base_freq" not in cfg:
+            cfg["rope_local_base_freq"] = local
+            changed = True
+        rope = rope["full_attention"]
+    if isinstance(rope, dict) and "rope_theta" in rope:  # (the per-layer-type form: its global layers)
         # 4.x reads these at the top level (Glm4-MoE's default partial_rotary_factor is 0.5
         # there, 1.0 for our outputs: rotating half the head would change every logit)
         for key in ("rope_theta", "partial_rotary_factor"):
