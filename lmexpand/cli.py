@@ -260,8 +260,7 @@ def _run_surgery(method, kw: dict) -> None:
     path = execute(plan, out, force=force, max_shard_size=max_shard_size, readers=readers)
     layers = f"{summary['num_layers']} layers, " if summary["num_layers"] else ""
     log.info("wrote %s: %s%s parameters (%s to train)%s", path, layers, f"{summary['parameters_total']:,}",
-             f"{summary['parameters_new']:,}", ", function-preserving at init (by construction; every computed "
-             "tensor was checked finite, copied ones were not read: `lmexpand verify OUT --values all` scans them)"
+             f"{summary['parameters_new']:,}", ", function-preserving at init (by construction)"
              if plan.function_preserving else "")
     if plan.check_delta:
         from lmexpand.expand.executor import logit_delta
@@ -410,7 +409,7 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
         log.info("random method: seed %d (give --seed %d to repeat this merge)", plan.arguments["seed"],
                  plan.arguments["seed"])
     path = execute(plan, out, force=force, max_shard_size=shard, threads=threads)
-    log.info("wrote %s: %s parameters merged with %s from %d models (every tensor checked finite)", path,
+    log.info("wrote %s: %s parameters merged with %s from %d models (every tensor written checked finite)", path,
              f"{summary['parameters']:,}", summary["merge_method"], len(summary["models"]))
     if as_json:
         click.echo(json.dumps({"output": str(path), **summary}, indent=2))
@@ -804,8 +803,9 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("source")
-@click.option("--values", type=click.Choice(["new", "all", "none"]), default="new", show_default=True,
-              help="Which tensors to scan for NaN/Inf: those lmexpand.json lists as new, all, or none.")
+@click.option("--values", type=click.Choice(["written", "new", "all", "none"]), default="written", show_default=True,
+              help="Which tensors to scan for NaN/Inf: every tensor lmexpand wrote (the files lmexpand.json records), "
+                   "those it lists as new, all, or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights (loaded weights-only). Only for trusted files.")
 def verify(source: str, values: str, as_json: bool, allow_pickle: bool) -> None:
@@ -813,8 +813,8 @@ def verify(source: str, values: str, as_json: bool, allow_pickle: bool) -> None:
 
     Recomputes the sha256 of every weight file lmexpand recorded when it wrote SOURCE;
     checks that the tensor names and shapes are exactly what the config's architecture
-    expects (built on the meta device, nothing allocated); scans the new tensors (or all)
-    for NaN/Inf. Exit code 0 when all pass, 2 with the list of problems otherwise.
+    expects (built on the meta device, nothing allocated); scans every tensor lmexpand wrote
+    (or the new ones, or all) for NaN/Inf. Exit code 0 when all pass, 2 with the list of problems otherwise.
 
     \b
     Example:

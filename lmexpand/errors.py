@@ -41,3 +41,8 @@ class ConfigError(LmexpandError):
 
 class TrainingDivergedError(LmexpandError):
     """The loss or the gradients became NaN/Inf: training stopped, checkpoints kept."""
+
+
+class NonFiniteError(LmexpandError):
+    """A model's values or outputs hold NaN/Inf (a damaged or diverged checkpoint, or
+    logits that overflow): refused wherever values are written or reported."""

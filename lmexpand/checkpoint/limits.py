@@ -15,6 +15,11 @@ from lmexpand.errors import SourceError
 # before anything is built from it (a hostile or corrupted config.json).
 MAX_LAYERS = 10_000  # a surgery's output, like any config, may not exceed this many layers
 MAX_EXPERTS = 4_096  # routed experts per layer a surgery may create (the largest MoEs have 384-512)
+# |weight| of a member's logits in a logit composition (proxy-tuning's alpha, contrastive's
+# beta, logit-sum weights). Real logits stay within ~1e3, so sums of weights this large stay
+# far from fp32's 3.4e38 (a weight of 1e36 made every logit Inf and generate print nothing);
+# the papers use 0.5-2.
+MAX_LOGIT_WEIGHT = 1_000.0
 
 SIZE_LIMITS: Mapping[str, int] = {
     "num_hidden_layers": MAX_LAYERS,

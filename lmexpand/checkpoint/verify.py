@@ -83,6 +83,7 @@ class Report:
     structure: str = "not checked"
     tensors: int = 0
     values_checked: int = 0
+    values_scope: str = "none"
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -159,12 +160,16 @@ def require_structure(reader: CheckpointReader) -> None:
             f"use the weights it belongs to (`lmexpand verify {reader.path}` lists every difference).")
 
 
-def verify(model_dir: str | Path, *, values: str = "new", allow_pickle: bool = False) -> Report:
-    """Every check ``lmexpand verify`` runs. ``values``: 'new' (tensors lmexpand.json lists
-    as new), 'all', or 'none' for the NaN/Inf scan."""
-    import torch
+VALUE_SCOPES = ("written", "new", "all", "none")
 
+
+def verify(model_dir: str | Path, *, values: str = "written", allow_pickle: bool = False) -> Report:
+    """Every check ``lmexpand verify`` runs. ``values``, the tensors scanned for NaN/Inf:
+    'written' (the default: every tensor of the weight files lmexpand wrote and recorded in
+    lmexpand.json, i.e. the values it is responsible for; none in a directory it did not
+    write), 'new' (those lmexpand.json lists as new), 'all', or 'none'."""
     from lmexpand.checkpoint.composed import COMPOSED_TENSOR_PREFIXES
+    from lmexpand.checkpoint.finite import non_finite_tensors
 
     model_dir = Path(model_dir)
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
@@ -184,16 +189,20 @@ def verify(model_dir: str | Path, *, values: str = "new", allow_pickle: bool = F
         report.structure = f"composed ({kind}): its tensors are checked against the config when loaded"
     else:
         _check_structure(reader, report)
+    if values not in VALUE_SCOPES:
+        raise ValueError(f"values={values!r}")
     if values != "none":
         lineage = reader.lineage() or {}
-        names = [t.name for t in reader] if values == "all" else [
-            n for n in lineage.get("new_parameters") or [] if n in reader]
-        for name in names:
-            tensor = reader.get_tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                report.problems.append(f"{name}: {bad:,} NaN/Inf values of {tensor.numel():,}")
-            report.values_checked += 1
+        if values == "all":
+            names = [t.name for t in reader]
+        elif values == "written":
+            names = [t.name for t in reader if t.file.name in (shards or {})]
+        else:
+            names = [n for n in lineage.get("new_parameters") or [] if n in reader]
+        for name, bad, numel in non_finite_tensors(reader, names):
+            report.problems.append(f"{name}: {bad:,} NaN/Inf values of {numel:,}")
+        report.values_checked = len(names)
+        report.values_scope = values
     reader.close()
     return report
 
@@ -204,7 +213,10 @@ def human_report(r: Report) -> list[str]:
         f"  shard hashes: {r.hashes}" + (f" ({r.shards_checked} files)" if r.shards_checked else
                                          " (not written by lmexpand, or by a version before hashes)"),
         f"  structure: {r.structure} ({r.tensors} tensors)",
-        f"  finite values: {r.values_checked} tensors checked",
+        f"  finite values: {r.values_checked} tensors checked" + {
+            "written": " (every tensor lmexpand wrote)" if r.values_checked else
+                       " (lmexpand recorded no weight file here: --values all scans every tensor)",
+            "new": " (the new tensors)", "all": " (every tensor)", "none": " (--values none)"}[r.values_scope],
     ]
     lines += [f"  problem: {p}" for p in r.problems]
     return lines

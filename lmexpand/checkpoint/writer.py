@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
 
 from lmexpand.checkpoint.compat import for_every_client
+from lmexpand.checkpoint.finite import FiniteCheck, is_float
 from lmexpand.checkpoint.reader import INDEX_FILE, LINEAGE_FILE, SINGLE_FILE, st_dtype_of
 from lmexpand.checkpoint.safetensors_format import TensorInfo, TensorSlot, alignment_order, encode_header
 from lmexpand.errors import CheckpointError, DiskFullError, TargetError
@@ -67,9 +68,12 @@ class Zeros:
 
 @dataclass(frozen=True)
 class Computed:
-    """A tensor computed on demand; called once, when its turn to be written comes."""
+    """A tensor computed on demand; called once, when its turn to be written comes.
+    ``finite_checked``: the producer has already refused NaN/Inf (with a message naming
+    where the values came from), so the writer does not scan it again."""
 
     fn: Callable[[], "torch.Tensor"]
+    finite_checked: bool = False
 
 
 Producer = Union[RawCopy, Zeros, Computed]
@@ -175,6 +179,8 @@ class _Segment:
     data: bytes = b""
     path: Path | None = None
     offset: int = 0
+    name: str = ""  # the tensor a 'source' segment copies, and its dtype: its values are checked finite
+    dtype: str = ""
 
 
 def shard_segments(header: bytes, slots: Sequence[TensorSlot], producers: Mapping[str, Producer]) -> list[_Segment]:
@@ -182,7 +188,8 @@ def shard_segments(header: bytes, slots: Sequence[TensorSlot], producers: Mappin
     for slot in slots:
         producer = producers[slot.name]
         if isinstance(producer, RawCopy) and producer.info.offset >= 0:
-            segments.append(_Segment("source", slot.nbytes, path=producer.info.file, offset=producer.info.offset))
+            segments.append(_Segment("source", slot.nbytes, path=producer.info.file, offset=producer.info.offset,
+                                     name=slot.name, dtype=slot.dtype))
         elif isinstance(producer, Zeros):
             segments.append(_Segment("zeros", slot.nbytes))
         else:
@@ -198,6 +205,9 @@ class _ShardHasher:
     own that starts at once, not behind the writer: raw-copied ranges are read from the
     source (page cache), holes hashed as zeros, the header from memory, and only computed
     tensors read back from the shard once the writer has written them (:meth:`advance`).
+    The raw-copied bytes it reads are also checked for NaN/Inf (computed tensors are checked
+    in memory): a non-finite value stops the write (:attr:`failure`), naming the tensor and
+    the model it came from.
     Every shard's hasher runs beside the copy, up to ``gate`` of them at a time (one per
     core). The digest is what ``sha256sum`` prints for the finished file, which
     ``lmexpand verify`` recomputes from the file itself.
@@ -232,14 +242,23 @@ class _ShardHasher:
                 self._cond.wait()
             return not self._abandoned
 
-    def _read(self, fd: int, offset: int, length: int, view: memoryview, what: str) -> None:
+    def _read(self, fd: int, offset: int, length: int, view: memoryview, what: str,
+              check: "FiniteCheck | None" = None) -> None:
         end = offset + length
         while offset < end and not self._abandoned:
             n = os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
             if n == 0:
                 raise CheckpointError(f"{what} ended early while its bytes were being hashed")
             self._sha.update(view[:n])
+            if check is not None:
+                check.feed(view[:n])
             offset += n
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stops this shard (non-finite values copied, a short file), as soon
+        as the hasher found it: the writer stops at the next tensor."""
+        return self._error
 
     def _run(self) -> None:
         fds: dict[Path, int] = {}
@@ -271,7 +290,11 @@ class _ShardHasher:
                             path, offset, what = self._path, pos, f"the shard {self._path.name}"
                         if path not in fds:
                             fds[path] = os.open(path, os.O_RDONLY)
-                        self._read(fds[path], offset, seg.length, view, what)
+                        check = FiniteCheck(seg.dtype) if seg.kind == "source" and is_float(seg.dtype) else None
+                        self._read(fds[path], offset, seg.length, view, what, check)
+                        if check is not None and check.bad:
+                            raise non_finite_error(seg.name, check.bad, seg.length // check.size,
+                                                   f"copied from {seg.path}", seg.path.parent)
                     pos += seg.length
             finally:
                 self._gate.release()
@@ -311,6 +334,7 @@ class _NoHash:
     option): no shard is recorded, as in a directory lmexpand did not write."""
 
     size = 0
+    failure = None
 
     def advance(self, upto: int) -> None:
         pass
@@ -496,6 +520,16 @@ class _SourceFiles:
         self.fds.clear()
 
 
+def non_finite_error(name: str, bad: int, numel: int, origin: str, model: Path | None = None) -> CheckpointError:
+    """The one message for NaN/Inf met while writing: the tensor, where its values came
+    from, that nothing was written, and what to check."""
+    return CheckpointError(
+        f"{name} ({origin}): {bad:,} of {numel:,} values are NaN/Inf. lmexpand never writes non-finite values, so "
+        "nothing was written (the partial output was removed; the inputs are untouched). Find every such tensor "
+        f"with `lmexpand verify {model or 'MODEL'} --values all` and use a model without them (a checkpoint saved "
+        "after training diverged, or a damaged file).")
+
+
 def _tensor_bytes(out: OutputTensor) -> memoryview:
     import torch
 
@@ -509,6 +543,10 @@ def _tensor_bytes(out: OutputTensor) -> memoryview:
             f"{out.slot.dtype}{list(out.slot.shape)} (a bug in the surgery plan)."
         )
     t = t.detach().to("cpu").contiguous()
+    if not out.producer.finite_checked and t.is_floating_point() and t.numel():
+        # one reduction, no temporary (NaN propagates through min/max, Inf shows in one of them)
+        if not all(bool(torch.isfinite(x)) for x in torch.aminmax(t.reshape(-1))):
+            raise non_finite_error(out.name, int((~torch.isfinite(t)).sum()), t.numel(), "computed while writing")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -542,6 +580,8 @@ def _write_shard(path: Path, header: bytes, slots: list[TensorSlot], producers: 
                 _write_all(fd, _tensor_bytes(OutputTensor(slot, producer)))
                 written()
             advance(slot.nbytes)
+            if hasher.failure is not None:  # NaN/Inf in a copied tensor: stop now, not after every shard
+                raise hasher.failure
             if i == len(slots) // 2:
                 kill_point(f"write:mid-shard:{path.name}")
         size = os.lseek(fd, 0, os.SEEK_CUR)

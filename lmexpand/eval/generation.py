@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, NonFiniteError
 
 
 @dataclass
@@ -84,6 +84,32 @@ def prepare_prompts(tokenizer: Any, prompts: list[str], settings: GenerationSett
     return out
 
 
+def finite_logits_guard(what: str) -> Any:
+    """A logits processor that stops generation at the first step whose scores hold NaN or
+    +Inf, or give no token a finite score (greedy decoding would silently pick token 0 and
+    print nothing): a :class:`NonFiniteError` naming the step. −Inf for some tokens is a
+    mask (contrastive decoding's plausibility), not an error."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _FiniteLogits(LogitsProcessor):
+        def __init__(self) -> None:
+            self.step = 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.step += 1
+            if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()) or \
+                    bool(torch.isneginf(scores).all(dim=-1).any()):
+                raise NonFiniteError(
+                    f"{what}: the model's next-token logits hold NaN/Inf at new token {self.step}, so no token can "
+                    "be chosen (this would print empty text). Its weights hold NaN/Inf (`lmexpand verify MODEL "
+                    "--values all` names them), or its logits overflow: a composition's alpha, beta or --weights "
+                    "too large.")
+            return scores
+
+    return LogitsProcessorList([_FiniteLogits()])
+
+
 def _max_positions(config: dict) -> int | None:
     for c in (config, config.get("anchor") or {}, config.get("text_config") or {}):
         v = c.get("max_position_embeddings")
@@ -136,7 +162,7 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         model.threshold = settings.threshold
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
-                                  do_sample=settings.sample)
+                                  do_sample=settings.sample, logits_processor=finite_logits_guard(str(model_dir)))
     if settings.sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         torch.manual_seed(settings.seed)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,25 @@ def perplexity(model: Any, ids: list[int], *, seq_len: int, stride: int, batch_s
             logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
                                                     ignore_index=-100, reduction="sum")
+            if not math.isfinite(nll.item()):
+                raise NonFiniteError(non_finite_logits(logits, f"tokens {group[0][0]:,}-{group[-1][1]:,}"))
             total_nll += nll.item()
             total_tokens += int((tgt != -100).sum())
     mean = total_nll / total_tokens
     return {"nll": mean, "ppl": math.exp(mean), "tokens": total_tokens}
+
+
+def non_finite_logits(logits: Any, where: str) -> str:
+    """What a NaN/Inf score came from (the caller adds which model and text): the logits
+    themselves, or a target given probability 0."""
+    import torch
+
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        what = "NaN/Inf logits (its weights hold NaN/Inf, or its logits overflow)"
+    else:
+        what = "probability 0 to a token of the text (-inf logits)"
+    return (f"gives {what} on {where}, so its perplexity is not a number. Check the weights with `lmexpand verify "
+            "MODEL --values all`; a composition's weights (alpha, beta, --weights) may be too large")
 
 
 def logit_difference(model: Any, base: Any, *, vocab_size: int, seed: int = 0) -> dict[str, float]:
@@ -125,5 +140,9 @@ def logit_difference(model: Any, base: Any, *, vocab_size: int, seed: int = 0) -
         a = model(input_ids=ids, attention_mask=mask).logits.float()
         b = base(input_ids=ids, attention_mask=mask).logits.float()
     valid = mask.bool()
+    for who, z in (("model", a), ("base", b)):
+        if not bool(torch.isfinite(z[valid]).all()):
+            raise NonFiniteError(f"the {who} " + non_finite_logits(z[valid], "the fixed batch of random tokens that "
+                                                                    "measures function preservation"))
     d = (a - b).abs()[valid]
     return {"max_abs_dlogit": d.max().item(), "mean_abs_dlogit": d.mean().item()}

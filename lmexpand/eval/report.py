@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, NonFiniteError
 from lmexpand.eval.perplexity import TextSet, logit_difference, perplexity, token_stream
 
 log = logging.getLogger("lmexpand")
@@ -59,10 +59,13 @@ def _load(path: Path):
 def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     import torch
 
+    from lmexpand.eval.generation import finite_logits_guard
+
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                             logits_processor=finite_logits_guard("the sample generations"))
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -158,7 +161,10 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         streams = {ts.name: token_stream(ts, tok, max_tokens) for ts in text_sets}
         for ts in text_sets:
             ids = streams[ts.name]
-            results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
+            try:
+                results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"the {label} model {path} {e} (text set {ts.name}); nothing was written.") from None
             log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
                      results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
         if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":
@@ -176,7 +182,10 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
             del loaded[label]
     if "base" in loaded:
         vocab = min(loaded["model"].config.vocab_size, loaded["base"].config.vocab_size)
-        results["function_preservation"] = logit_difference(loaded["model"], loaded["base"], vocab_size=vocab)
+        try:
+            results["function_preservation"] = logit_difference(loaded["model"], loaded["base"], vocab_size=vocab)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} ({dict(rows)['model']} vs {dict(rows)['base']}); nothing was written.") from None
     if samples:
         # the model was loaded once above; its tokenizer serves both rows' prompts
         results["samples"] = [{"prompt": p, "model": _generate(loaded["model"], model_tokenizer, p),

@@ -89,7 +89,9 @@ def execute(
         if isinstance(op, Zeros):
             outputs.append(OutputTensor(slot, ZeroBytes()))
         else:
-            outputs.append(OutputTensor(slot, Computed(lambda t=t: _finite(t, compute_tensor(t, get)))))
+            outputs.append(OutputTensor(slot, Computed(lambda t=t: _finite(t, compute_tensor(t, get)),
+                                                       finite_checked=True)))
+    _check_referenced_members(plan, readers)
 
     pool = _Prefetch(outputs, threads) if threads > 1 else None
     files: dict[str, bytes | Path] = {p.name: p for p in readers[plan.carry_from].carry_files()}
@@ -182,10 +184,35 @@ class _Prefetch:
         self._futures.clear()
 
 
+def _check_referenced_members(plan: Plan, readers: Sequence[CheckpointReader]) -> None:
+    """A composed model's directory references its members instead of copying them, and
+    every later step (train, eval, generate, export) runs them: their values are checked
+    now, once, like the values a surgery copies (the writer checks those). Tensors the plan
+    reads itself are checked when written."""
+    from lmexpand.checkpoint.composed import is_composed_config, member_references
+    from lmexpand.checkpoint.finite import describe, non_finite_tensors
+
+    if not is_composed_config(plan.config):
+        return
+    read = {(m, name) for t in plan.tensors for m, name in t.op.reads()}
+    roles = {Path(p).resolve(): role for role, p in member_references(plan.config)}
+    for i, reader in enumerate(readers):
+        found = non_finite_tensors(reader, [t.name for t in reader if (i, t.name) not in read])
+        if found:
+            from lmexpand.errors import CheckpointError
+
+            role = roles.get(Path(reader.path).resolve(), f"member {i}")
+            raise CheckpointError(
+                f"{plan.method}: the {role} {reader.path} holds NaN/Inf values: {describe(found)}. A composition "
+                "runs its members as they are, so every output would carry them; nothing was written. Use a member "
+                f"without them (`lmexpand verify {reader.path} --values all` lists them).")
+
+
 def _finite(t, value: "torch.Tensor") -> "torch.Tensor":
     """Every tensor the plan computes is in memory anyway: one that holds NaN/Inf (from a
-    source tensor it read, or from the arithmetic) stops the write, naming it. Raw-copied
-    tensors are not read; `lmexpand verify --values all` scans those."""
+    source tensor it read, or from the arithmetic) stops the write, naming it and the
+    source tensors it came from. Raw-copied tensors are checked by the writer from the bytes
+    it hashes."""
     import torch
 
     # one reduction, no temporary (NaN propagates through min/max, Inf shows in one of them)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from pydantic import Field, field_validator
 
+from lmexpand.checkpoint.limits import MAX_LOGIT_WEIGHT
 from lmexpand.checkpoint.families import (LOGIT_DIVISOR_KEYS, LOGIT_MULTIPLIER_KEYS, LOGIT_SOFTCAP_KEYS,
                                           logit_postprocessing)
 from lmexpand.checkpoint.reader import CheckpointReader
@@ -44,14 +45,23 @@ class LogitSumConfig(MethodConfig):
     def _split(cls, v: Any) -> Any:
         return comma_list(v, "one number per model, e.g. 1,1")
 
+    @field_validator("weights")
+    @classmethod
+    def _bounded(cls, v: list[float] | None) -> list[float] | None:
+        for w in v or []:
+            if abs(w) > MAX_LOGIT_WEIGHT:
+                raise ValueError(f"weight {w:g} is beyond +-{MAX_LOGIT_WEIGHT:g}: the weighted logits would overflow "
+                                 "(the method uses weights near 1)")
+        return v
+
 
 class ProxyTuneConfig(MethodConfig):
-    alpha: float = Field(1.0, ge=0, description="Strength of the steering: z = z_base + alpha x (z_expert - z_anti); "
+    alpha: float = Field(1.0, ge=0, le=MAX_LOGIT_WEIGHT, description="Strength of the steering: z = z_base + alpha x (z_expert - z_anti); "
                          "0 is the base model.")
 
 
 class ContrastiveConfig(MethodConfig):
-    beta: float = Field(0.5, ge=0, description="Contrast strength: (1+beta) x z_expert - beta x z_amateur; 0 is the "
+    beta: float = Field(0.5, ge=0, le=MAX_LOGIT_WEIGHT, description="Contrast strength: (1+beta) x z_expert - beta x z_amateur; 0 is the "
                         "expert alone.")
     alpha: float = Field(0.1, gt=0, le=1, description="Plausibility: only tokens with p_expert >= alpha x max p_expert "
                          "are candidates (0 < alpha <= 1).")
