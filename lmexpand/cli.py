@@ -22,7 +22,20 @@ from lmexpand.errors import ConfigError, LmexpandError
 
 log = logging.getLogger("lmexpand")
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler, a container stopping), raised in the main thread so
+    that every clean-up a Ctrl-C runs (partial outputs removed, checkpoints kept) runs too."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up: a second TERM does not interrupt it
+    raise Terminated()
+
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it)."""
@@ -399,6 +412,7 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
     if soup is not None:
         plan.extra_lineage["merge"]["greedy_soup"] = soup.record
     add_files(plan, resolved, where)
+    plan.validate()  # the output's sizes against the limits (a dry run says so too)
     summary = merge_summary(plan, threads)
     if dry_run:
         click.echo(json.dumps(summary, indent=2) if as_json else _merge_text(summary))
@@ -661,10 +675,11 @@ def _data_argument(text: str) -> dict:
 @click.option("--lm-eval-fewshot", type=int, default=None, help="Few-shot examples for --lm-eval  [default: each task's own]")
 @click.option("--lm-eval-device", default=None, help="Device for --lm-eval: cpu, cuda, cuda:N  [default: cuda if available, else cpu]")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out (its report files are replaced).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (pickle) weights for MODEL, --base and --compare (loaded weights-only). Only for trusted files.")
 def eval_command(model: str, data, template, text_field, base, compare, out, max_tokens, seq_len, stride,
                  no_samples, lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_batch_size, lm_eval_fewshot,
-                 lm_eval_device, as_json, allow_pickle) -> None:
+                 lm_eval_device, as_json, force, allow_pickle) -> None:
     """Perplexity per text set against a base, function preservation, parameters, samples.
 
     MODEL is a model directory, a training run directory (its model/ and metrics.jsonl are
@@ -702,7 +717,7 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
                           "(e.g. --lm-eval hellaswag), or leave them out.")
     sets = [parse_text_set(d, template, text_field) for d in data]
     results = run_eval(model, sets, Path(out), base=base, compare=pairs, max_tokens=max_tokens, seq_len=seq_len,
-                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle, lm_eval=harness)
+                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle, lm_eval=harness, force=force)
     log.info("report: %s", Path(out) / "report.md")
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -880,6 +895,20 @@ def run(recipe: str, check: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="lmexpand", standalone_mode=False)
     except LmexpandError as e:
@@ -894,6 +923,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo("interrupted (Ctrl-C): stopped; no half-written output was left in place (a training run keeps its "
                    "checkpoints for --resume) and the inputs are untouched", err=True)
         return EXIT_INTERRUPTED
+    except Terminated:
+        click.echo("terminated (SIGTERM): stopped; no half-written output was left in place (a training run keeps its "
+                   "checkpoints for --resume) and the inputs are untouched", err=True)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         return EXIT_OK
     except Exception:

@@ -150,6 +150,38 @@ class Job:
     export_out: Path | None = None
     export: ExportSection | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
+    planned: "ModelFacts | None" = None  # what the surgery will write, from its plan (headers only)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the stages after a model need to know of it before it exists: its config, the
+    tensors it stores, the parameters lmexpand.json lists as new (None: no lmexpand.json),
+    and where it came from (for messages)."""
+
+    config: dict[str, Any]
+    tensors: frozenset[str]
+    new_parameters: tuple[str, ...] | None
+    what: str  # "the surgery's output (proxy-tune)", "train.model out/x"
+    source: str = ""  # the surgery's first source (the eval base by default)
+
+    @classmethod
+    def of_dir(cls, model: str, what: str) -> "ModelFacts":
+        from lmexpand.checkpoint.reader import CheckpointReader
+        from lmexpand.checkpoint.sources import resolve_source
+
+        path = resolve_source(model)
+        try:
+            with CheckpointReader(path, need_family=False, allow_pickle=True) as r:
+                lineage = r.lineage()
+                return cls(dict(r.config), frozenset(t.name for t in r), tuple(lineage.get("new_parameters") or [])
+                           if lineage is not None else None, what)
+        except Exception:  # an unreadable model is reported by the stage's own checks, with its key
+            return cls({}, frozenset(), None, what)
+
+    def after_training(self, key: str) -> "ModelFacts":
+        """A trained model keeps its tensors and its lineage (an empty one if it had none)."""
+        return ModelFacts(self.config, self.tensors, self.new_parameters or (), f"the model {key} writes")
 
 
 def _must_exist(where: str, value: str) -> None:
@@ -210,11 +242,9 @@ def load_job(path: Path) -> Job:
         out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
         job.surgery = (method, cfg, sources, out)
         job.surgery_allow_pickle = s.allow_pickle
+        job.planned = preflight_surgery(job)
         if not sources:  # merge: its configuration names the models; the first is the eval base
-            plan = method.checked_plan([], cfg)
-            for r in plan.readers or []:
-                r.close()
-            sources_for_eval = [str(plan.sources[plan.carry_from])]
+            sources_for_eval = [job.planned.source]
         else:
             sources_for_eval = sources
         produced, source_model = str(out), sources_for_eval[0]
@@ -263,6 +293,97 @@ def load_job(path: Path) -> Job:
     return job
 
 
+def recipe_keys(message: str, fields: Any, prefix: str) -> str:
+    """A message written for the command line, for a recipe: each `--flag` that is one of
+    ``fields`` becomes its key (``--open`` -> ``surgery.args.open``)."""
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)",
+                  lambda m: prefix + m.group(1).replace("-", "_") if m.group(1).replace("-", "_") in fields
+                  else m.group(0), message)
+
+
+def preflight_surgery(job: Job) -> ModelFacts:
+    """The surgery stage's checks, before any value is read: its plan from the sources'
+    headers (arguments against the models: layers, markers, tokenizers, vocabularies...).
+    Returns what the stages after it need to know of its output."""
+    from lmexpand.checkpoint.sources import open_source
+
+    assert job.surgery is not None
+    method, cfg, sources, _ = job.surgery
+    readers = [open_source(x, allow_pickle=job.surgery_allow_pickle) for x in sources]
+    try:
+        try:
+            plan = method.checked_plan(readers, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{job.path}: surgery ({method.name}): "
+                              + recipe_keys(str(e), cfg.model_fields, "surgery.args.")) from None
+        for r in plan.readers or []:
+            if r not in readers:
+                r.close()
+    finally:
+        for r in readers:
+            r.close()
+    return ModelFacts(dict(plan.config), frozenset(t.name for t in plan.tensors), tuple(plan.new_parameters),
+                      f"the surgery's output ({method.name})", source=str(plan.sources[plan.carry_from]))
+
+
+def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
+    """The training stage's checks that depend on the model it will train, known before that
+    model exists (the run calls this for every stage before the first one starts; the same
+    rules as :func:`lmexpand.train.loop.train`, worded with the recipe's keys)."""
+    from lmexpand.checkpoint.composed import is_composed_config
+
+    kind = model.config.get("model_type")
+    composed = is_composed_config(model.config)
+    if composed and not model.tensors:
+        raise ConfigError(f"{where}: {key}: nothing to train: {model.what} is a {model.config.get('method') or kind} "
+                          "composition without trainable parameters (it combines its members' outputs as they are). "
+                          f"Remove the `{key}` section, or train a member first and compose it afterwards.")
+    if cfg.trainable == "new" and cfg.lora is None and not cfg.extra_trainable:
+        if model.new_parameters is None:
+            raise ConfigError(f"{where}: {key}.trainable: {model.what} has no lmexpand.json, so the default "
+                              "trainable set (trainable: new, the parameters a surgery added) is unknown. Set "
+                              f"{key}.trainable: all (full fine-tuning) or a list of globs, or add {key}.lora.")
+        if not model.new_parameters:
+            raise ConfigError(f"{where}: {key}.trainable: {model.what} has no new parameters, so the default "
+                              "trainable set (trainable: new) is empty. Set "
+                              f"{key}.trainable: all (full fine-tuning) or a list of globs, or add {key}.lora.")
+    if cfg.co_llm_init_steps and kind != "lmexpand_co_llm":
+        raise ConfigError(f"{where}: {key}.co_llm_init_steps initialises a Co-LLM gate; {model.what} is a {kind} "
+                          "model. Remove the key, or make the surgery co-llm.")
+    if cfg.document_masking and composed:
+        raise ConfigError(f"{where}: {key}.document_masking: {model.what} is a composed model, whose members take no "
+                          f"position ids from lmexpand. Remove the key, or set {key}.pack: false.")
+    if composed and cfg.trainable == "all":
+        from lmexpand.checkpoint.composed import TRAINABLE_MEMBERS
+
+        members_ok = TRAINABLE_MEMBERS.get(kind, ())
+        raise ConfigError(f"{where}: {key}.trainable: all would train every weight of {model.what}, a composed model "
+                          f"({kind}) whose members' weights live in their own directories and stay frozen. Leave "
+                          f"{key}.trainable out (the default: its own new tensors)"
+                          + (f" or name {', '.join(p + '*' for p in members_ok)}" if members_ok else "")
+                          + ", or fine-tune a member on its own and compose again.")
+    if composed and cfg.lora is not None:
+        raise ConfigError(f"{where}: {key}.lora: {model.what} is a composed model ({kind}); LoRA would train its "
+                          f"members' weights, which live in their own directories. Remove {key}.lora.")
+
+
+def preflight_eval(where: str, ev: "EvalSection", model: ModelFacts) -> None:
+    """The eval stage's checks that depend on the model it will score, and its text sets
+    read as eval reads them (field, template)."""
+    from lmexpand.eval.perplexity import TextSet, check_text_set
+    from lmexpand.eval.report import unscorable
+
+    reason = unscorable(model.config)
+    if reason:
+        raise ConfigError(f"{where}: eval: {model.what} {reason} Remove the `eval` section.")
+    for name, p in ev.data.items():
+        try:
+            check_text_set(TextSet(name, Path(p), ev.text_field, ev.template))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: eval.data.{name}: {e}".replace("--text-field", "eval.text_field")
+                              .replace("--template", "eval.template")) from None
+
+
 def _stage_key(i: int, n: int) -> str:
     """How messages and outputs name training stage i of n: `train`, or `train.1`, `train.2`, ..."""
     return "train" if n == 1 else f"train.{i + 1}"
@@ -305,6 +426,14 @@ def _check_job(job: Job, source_model: str | None) -> None:
         check_output(out, inputs=[*inputs, *others], force=True, replaces=replaces, label=key, where=where)
     for stage in job.train_stages:
         check_sources(stage.data)
+    model_facts = job.planned if job.surgery is not None else (
+        ModelFacts.of_dir(str(job.train_stages[0].model), "train.model") if job.train_stages else None)
+    for i, stage in enumerate(job.train_stages):
+        assert model_facts is not None
+        preflight_train(where, _stage_key(i, n), stage, model_facts)
+        model_facts = model_facts.after_training(_stage_key(i, n))
+    if job.eval is not None and model_facts is not None:
+        preflight_eval(where, job.eval, model_facts)
     model = source_model if job.surgery is not None else (str(job.train.model) if job.train is not None else None)
     if model is not None:
         model_dir = resolve_source(model)
@@ -449,7 +578,8 @@ def _run_stages(job: Job) -> dict[str, str]:
                         for i in range(len(job.train_stages) - 1)]  # every stage before the last
             spec = str(Path(outputs["train"]).parent) if "train" in outputs else str(model_dir)
             run_eval(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
-                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples, allow_pickle=ev.allow_pickle)
+                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples, allow_pickle=ev.allow_pickle,
+                     force=True)
             _mark(job, "eval", fp, out / "results.json")
         outputs["eval"] = str(out / "report.md")
         upstream = _digest(upstream, fp)

@@ -14,10 +14,22 @@ M = TypeVar("M", bound=BaseModel)
 # immutable, unknown keys are errors, and numbers must be finite (``--lr inf``, ``nan``).
 STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 _SHOWN = 120  # characters of a bad value quoted in a message
+FIRST_PROBLEMS = 5  # problems listed in one message; the rest are counted
+
+
+def first_few(problems: list[str], n: int = FIRST_PROBLEMS) -> str:
+    """``problems`` joined for a message: the first ``n`` and how many more (a 1 MB file of
+    unknown keys once gave a 6.8 MB message)."""
+    shown = "; ".join(problems[:n])
+    return shown + (f"; and {len(problems) - n:,} more problem(s)" if len(problems) > n else "")
 
 
 def _shown(value: Any) -> str:
     text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text):,} characters)"
+
+
+def _shown_text(text: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text):,} characters)"
 
 
@@ -34,7 +46,7 @@ def validate(model: type[M], values: Mapping[str, Any], *, what: str, style: str
         problems = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            shown = (flag_name(loc) if style == "flag" else loc) if loc else ""
+            shown = _shown_text((flag_name(loc) if style == "flag" else loc) if loc else "")
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 problems.append(f"{shown}: required")
@@ -45,4 +57,4 @@ def validate(model: type[M], values: Mapping[str, Any], *, what: str, style: str
                 problems.append(msg)
             else:
                 problems.append(f"{shown}: {msg} (got {_shown(err.get('input'))})")
-        raise ConfigError(f"{what}: " + "; ".join(problems) + ".") from None
+        raise ConfigError(f"{what}: " + first_few(problems) + ".") from None

@@ -87,11 +87,11 @@ def test_eval_and_export_errors(tiny_pro, tmp_path, capsys):
 
     bad(["eval", str(tiny_pro), "--data", "domain=/nope.txt", "--out", str(tmp_path / "r")], "/nope.txt", "not a file")
     bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
-         "--max-tokens", "100"], "KeyError", "--text-field")
+         "--max-tokens", "100"], "no field 'text'", "--text-field")
     bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
          "--compare", "oops"], "--compare 'oops'", "LABEL=MODEL")
     bad(["eval", str(tiny_pro), "--data", f"x={GSM8K_TEST}", "--out", str(tmp_path / "r"),
-         "--lm-eval", "gsm8k"], "lm-evaluation-harness", "pip install lm-eval")
+         "--template", "{question}", "--lm-eval", "gsm8k"], "lm-evaluation-harness", "pip install lm-eval")
     existing = tmp_path / "e"
     existing.mkdir()
     (existing / "f").write_text("x")

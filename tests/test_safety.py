@@ -70,7 +70,7 @@ def test_no_command_modifies_its_inputs_under_force(tiny_llama, gsm8k_small, tmp
         assert main(["-q", *train_args(pro, data, run, "--force")]) == 0, capsys.readouterr().err
         assert main(["-q", "export", str(run), str(exported), "--force"]) == 0
         assert main(["-q", "eval", str(run), "--data", f"math={data}", "--template", TEMPLATE, "--out", str(report),
-                     "--max-tokens", "64", "--seq-len", "32", "--no-samples", "--base", str(src)]) == 0
+                     "--max-tokens", "64", "--seq-len", "32", "--no-samples", "--base", str(src), "--force"]) == 0
         assert main(["-q", "run", str(recipe)]) == 0, capsys.readouterr().err
         assert tree_digest(pro) == pro_before  # train and export read it: unchanged
         assert tree_digest(inputs) == before

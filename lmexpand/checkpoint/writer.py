@@ -451,21 +451,35 @@ def left_by_dead_process(p: Path) -> bool:
     return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
 
 
+def partial_path(target: Path) -> Path:
+    """Where this process writes ``target`` before renaming it into place (a file or a
+    directory): hidden, beside it, named for this process."""
+    return target.parent / f".{target.name}{_PARTIAL}{os.getpid()}"
+
+
 def clean_stale_partials(target: Path) -> None:
-    """Remove temporary dirs that a killed earlier run left beside ``target``."""
+    """Remove what killed earlier runs left beside ``target``: every hidden partial output
+    (``.NAME.lmexpand-partial-PID``, a file or a directory) or old output moved aside
+    (``.NAME.lmexpand-old-PID``) in its directory whose process is gone, whatever output it
+    was for; an old output whose target is missing is put back first. Every command that
+    writes calls this before writing."""
     parent = target.parent
     if not parent.is_dir():
         return
-    for p in parent.glob(f".{target.name}{_OLD}*"):
+    for p in parent.glob(f".*{_OLD}*"):
         # a run killed between moving the old output aside and moving the new one in
-        if left_by_dead_process(p) and not target.exists():
-            log.warning("restoring %s from %s (an interrupted run had moved it aside)", target, p.name)
-            os.rename(p, target)
+        original = parent / p.name[1:].rsplit(_OLD, 1)[0]
+        if left_by_dead_process(p) and not os.path.lexists(original):
+            log.warning("restoring %s from %s (an interrupted run had moved it aside)", original, p.name)
+            os.rename(p, original)
     for marker in (_PARTIAL, _OLD):
-        for p in parent.glob(f".{target.name}{marker}*"):
+        for p in parent.glob(f".*{marker}*"):
             if left_by_dead_process(p):
                 log.info("removing %s left by an interrupted run", p)
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 # -- sharding -------------------------------------------------------------------------------
@@ -635,7 +649,7 @@ def write_checkpoint(
     resolved.parent.mkdir(parents=True, exist_ok=True)  # every check passed: only now create parents
     clean_stale_partials(resolved)
 
-    tmp = resolved.parent / f".{resolved.name}{_PARTIAL}{os.getpid()}"
+    tmp = partial_path(resolved)
     if tmp.exists():
         shutil.rmtree(tmp)
     producers = {t.name: t.producer for t in tensors}

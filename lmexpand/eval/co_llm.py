@@ -142,5 +142,5 @@ def plot(co: dict[str, dict[str, Any]], png) -> None:
     ax.set_title("Co-LLM: perplexity vs deferral rate")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)

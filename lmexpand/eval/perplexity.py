@@ -39,24 +39,47 @@ def parse_text_set(spec: str, template: str | None = None, field: str = "text") 
     return TextSet(name, p, field, template)
 
 
-def read_documents(ts: TextSet) -> list[str]:
+def check_text_set(ts: TextSet, records: int = 1000) -> None:
+    """Read the first ``records`` documents as :func:`read_documents` does (fields, template,
+    JSON, encoding): eval and ``run --check`` call this before any model is loaded."""
+    read_documents(ts, limit=records)
+
+
+def read_documents(ts: TextSet, limit: int | None = None) -> list[str]:
     if ts.path.suffix in (".jsonl", ".json"):
         docs = []
-        with open(ts.path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    docs.append(ts.template.format(**rec) if ts.template else str(rec[ts.field]))
-                except (ValueError, KeyError) as e:
-                    raise ConfigError(
-                        f"{ts.path}:{i}: cannot read a document ({type(e).__name__}: {e}); "
-                        "check --text-field / --template."
-                    ) from None
+        try:
+            with open(ts.path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if limit is not None and len(docs) >= limit:
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        if not isinstance(rec, dict):
+                            raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+                        docs.append(ts.template.format(**rec) if ts.template else str(rec[ts.field]))
+                    except KeyError as e:
+                        raise ConfigError(
+                            f"{ts.path}:{i}: the record has no field {e} (its fields: "
+                            f"{', '.join(map(str, list(rec)[:10]))}); " + (
+                                "fix --template." if ts.template else f"give the field with the text: --text-field "
+                                "FIELD, or a --template over the fields.")) from None
+                    except (ValueError, IndexError, AttributeError) as e:
+                        raise ConfigError(
+                            f"{ts.path}:{i}: cannot read a document ({type(e).__name__}: {e}); "
+                            "check --text-field / --template (a literal brace is written {{ or }})."
+                        ) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{ts.path}: not UTF-8 text ({e.reason} at byte {e.start:,}); convert it to UTF-8.") from None
         return docs
-    text = ts.path.read_text(encoding="utf-8")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    try:
+        text = ts.path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{ts.path}: not UTF-8 text ({e.reason} at byte {e.start:,}); convert it to UTF-8.") from None
+    docs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    return docs[:limit] if limit is not None else docs
 
 
 def token_stream(ts: TextSet, tokenizer: Any, max_tokens: int) -> list[int]:

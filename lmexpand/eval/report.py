@@ -69,8 +69,18 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def unscorable(config: dict[str, Any]) -> str | None:
+    """Why a model of this config has no perplexity to report (eval and `run --check` ask), or None."""
+    if config.get("plausibility"):
+        return ("is a contrastive-decoding composition: its plausibility mask gives probability 0 to every token "
+                "outside the expert's plausible set, so its perplexity is infinite on almost any text. It is a "
+                "decoding rule: score its generations (`lmexpand generate`), or evaluate the expert and amateur "
+                "themselves.")
+    return None
+
+
 def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[TextSet], out: Path,
-                          seq_len: int, allow_pickle: bool) -> dict[str, Any]:
+                          seq_len: int, allow_pickle: bool, force: bool = False) -> dict[str, Any]:
     """What would make the scores fail or mean nothing, checked before any model is run:
     --out usable and not an input, every row's tokenizer loadable and the same token->id map
     (perplexities over different tokenizations are not comparable), --seq-len within every
@@ -87,6 +97,16 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
               *(m for _, path in rows for m in member_inputs(path)),
               *((f"--data {t.name}", t.path) for t in text_sets)]
     check_output(out, inputs=inputs, force=True, replaces=False, label="--out")
+    from lmexpand.eval.perplexity import check_text_set
+
+    for ts in text_sets:
+        check_text_set(ts)
+    if not force and out.is_dir() and any(out.iterdir()):
+        from lmexpand.errors import TargetError
+
+        raise TargetError(f"--out {out}: exists and is not empty. Pass --force to write the report into it "
+                          "(results.json, report.md and the plots are replaced; other files stay), or choose another "
+                          "--out.")
     tokenizers: dict[str, Any] = {}
     for label, path in rows:
         # the pickle rule of every command: pickle-only weights need --allow-pickle (then weights-only)
@@ -97,12 +117,9 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
         register_if_composed(path)  # its config type must be known to load its tokenizer
         tokenizers[label] = load_tokenizer(path, what=f"{label} model")
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if cfg.get("plausibility"):
-            raise ConfigError(
-                f"the {label} model {path} is a contrastive-decoding composition: its plausibility mask gives "
-                "probability 0 to every token outside the expert's plausible set, so its perplexity is infinite on "
-                "almost any text. It is a decoding rule: score its generations (`lmexpand generate`), or evaluate the "
-                "expert and amateur themselves.")
+        reason = unscorable(cfg)
+        if reason:
+            raise ConfigError(f"the {label} model {path} {reason}")
         max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")
         if isinstance(max_pos, int) and seq_len > max_pos:
             raise ConfigError(f"--seq-len {seq_len} exceeds the {label} model's max_position_embeddings ({max_pos}) "
@@ -122,7 +139,7 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
 def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: str | None = None,
              compare: Sequence[tuple[str, str]] = (), max_tokens: int = 16384, seq_len: int = 256,
              stride: int | None = None, samples: bool = True, allow_pickle: bool = False,
-             lm_eval: Any = None) -> dict[str, Any]:
+             lm_eval: Any = None, force: bool = False) -> dict[str, Any]:
     """Score every row, then (``lm_eval``: :class:`~lmexpand.eval.harness.LmEvalSettings`) run
     lm-evaluation-harness on the evaluated model; write results.json and report.md."""
     if not text_sets:
@@ -137,7 +154,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
         rows.append(("base", resolve_model(base)[0]))
     rows += [(label, resolve_model(spec)[0]) for label, spec in compare]
     rows.append(("model", model_dir))
-    tokenizers = _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle)  # loaded once, used below
+    tokenizers = _check_before_scoring(rows, text_sets, out, seq_len, allow_pickle, force)  # loaded once, used below
     prepared = None
     if lm_eval is not None:
         from lmexpand.eval.harness import prepare_lm_eval
@@ -205,24 +222,56 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
 
 
 def write_report(results: dict[str, Any], out: Path, metrics_path: Path | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    if metrics_path is not None:
-        _plot_losses(metrics_path, out / "loss.png")
-        plots.append("loss.png")
-    _plot_perplexity(results["perplexity"], out / "perplexity.png")
-    plots.append("perplexity.png")
-    if results.get("moe"):
-        _plot_expert_load(results["moe"], out / "expert_load.png")
-        plots.append("expert_load.png")
-    if results.get("co_llm"):
-        from lmexpand.eval.co_llm import plot
+    """results.json, report.md and the plots, each written beside itself and renamed into
+    place (a kill leaves the previous file or the new one, never half of one; what a killed
+    run left is removed by the next); a full disk is a :class:`DiskFullError`."""
+    import errno
+    import os
 
-        plot(results["co_llm"], out / "co_llm.png")
-        plots.append("co_llm.png")
-    results["plots"] = plots
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(results))
+    from lmexpand.checkpoint.writer import clean_stale_partials, partial_path
+    from lmexpand.errors import DiskFullError, TargetError
+    from lmexpand.faults import io_fault, kill_point
+
+    def atomic(name: str, write) -> None:
+        tmp = partial_path(out / name)
+        try:
+            io_fault(1)  # (the disk-full tests)
+            write(tmp)
+            os.replace(tmp, out / name)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    try:
+        clean_stale_partials(out)  # beside --out, and inside it
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(out / "results.json")
+        kill_point("eval:before-report")
+        plots = []
+        if metrics_path is not None:
+            atomic("loss.png", lambda p: _plot_losses(metrics_path, p))
+            plots.append("loss.png")
+        atomic("perplexity.png", lambda p: _plot_perplexity(results["perplexity"], p))
+        plots.append("perplexity.png")
+        if results.get("moe"):
+            atomic("expert_load.png", lambda p: _plot_expert_load(results["moe"], p))
+            plots.append("expert_load.png")
+        if results.get("co_llm"):
+            from lmexpand.eval.co_llm import plot
+
+            atomic("co_llm.png", lambda p: plot(results["co_llm"], p))
+            plots.append("co_llm.png")
+        results["plots"] = plots
+        text = json.dumps(results, indent=2, allow_nan=False) + "\n"  # (every score was checked finite)
+        atomic("results.json", lambda p: p.write_text(text))
+        atomic("report.md", lambda p: p.write_text(render_markdown(results)))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"--out {out}: the disk filled up while writing the report ({e.strerror}); no file "
+                                "was left half-written. Free some space (the report takes well under a MB) or choose "
+                                "another --out, and run eval again.") from None
+        raise TargetError(f"--out {out}: cannot write the report ({e.strerror or e}). Check the directory and "
+                          "try again.") from None
 
 
 def fmt(x: float) -> str:
@@ -300,7 +349,7 @@ def _plot_losses(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -324,7 +373,7 @@ def _plot_perplexity(ppl: dict[str, dict[str, dict[str, float]]], png: Path) -> 
     ax.set_title("perplexity by text set")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -346,5 +395,5 @@ def _plot_expert_load(moe: dict[str, Any], png: Path) -> None:
     ax.set_title(f"expert load / balanced load (top-{moe['top_k']}, {moe['experts']} experts)")
     fig.colorbar(im, ax=ax, label="x balanced (1 = balanced)")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)

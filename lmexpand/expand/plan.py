@@ -280,6 +280,9 @@ class Plan:
         missing = set(self.new_parameters) - set(names)
         if missing:
             raise ValueError(f"plan for {self.method} lists new parameters it does not write: {sorted(missing)[:3]}")
+        from lmexpand.checkpoint.limits import check_config_sizes
+
+        check_config_sizes(self.config, self.method, output=True)  # a user's request past the limits (ConfigError)
 
     def training_memory(self, grad_dtype_bytes: int | None = None) -> dict[str, int]:
         """Bytes to train the new parameters with AdamW: weights + grads + 2 fp32 moments,

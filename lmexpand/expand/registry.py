@@ -71,6 +71,7 @@ class SurgeryMethod:
         from lmexpand.checkpoint.verify import require_structure
 
         plan = self.plan(readers, cfg)
+        plan.validate()  # the output's sizes against the limits, before anything is read or written
         for reader in plan.readers or readers:
             require_structure(reader)
         return plan

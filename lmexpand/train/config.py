@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lmexpand.validation import STRICT, validate
+from lmexpand.checkpoint.limits import MAX_INIT_STEPS, MAX_STEPS
 
 
 class _Strict(BaseModel):
@@ -84,7 +85,7 @@ class TrainConfig(_Strict):
     seq_len: int = Field(512, gt=1)
     batch_size: int = Field(4, gt=0, description="sequences per device per micro-step")
     grad_accum: int = Field(1, gt=0)
-    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    max_steps: int = Field(100, gt=0, le=MAX_STEPS, description="optimizer steps")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps; when not given: 10, or a tenth of "
@@ -131,7 +132,7 @@ class TrainConfig(_Strict):
     loss_chunk: int = Field(256, gt=0, description="tokens per chunk of the fused lm_head + cross-entropy")
     tensorboard: bool = True
     co_llm_init_steps: int = Field(
-        0, ge=0, description="Co-LLM models: steps of weak-supervision gate initialisation before training (the "
+        0, ge=0, le=MAX_INIT_STEPS, description="Co-LLM models: steps of weak-supervision gate initialisation before training (the "
         "gate alone, weighted BCE on pseudo-labels: 1 where the assistant's argmax is the target and the base's is not)",
     )
     moe_balance_coef: float = Field(0.01, ge=0, description="MoE models: weight of the expert load-balancing loss")

@@ -103,9 +103,11 @@ def _co_llm_gate_init(cfg: TrainConfig, accelerator, loss_model, data, metrics) 
         gate.grad = accelerator.reduce(gate.grad, reduction="mean")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if accelerator.is_main_process:
+        every = max(1, cfg.co_llm_init_steps // 20)  # about 20 lines, whatever the number of steps
+        if accelerator.is_main_process and (step % every == 0 or step in (1, cfg.co_llm_init_steps)):
             log.info("co-llm gate init %d/%d: weighted BCE %.4f, pseudo-labels positive %.1f %%", step,
                      cfg.co_llm_init_steps, loss.item(), 100 * positive.item())
+        if accelerator.is_main_process:
             if metrics is not None:
                 metrics.write(json.dumps({"gate_init_step": step, "gate_init_bce": loss.item(),
                                           "gate_init_positive": positive.item()}) + "\n")
@@ -244,7 +246,11 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         state = load_checkpoint(resume_from, state, {**trained, **buffers}, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
-    # every check passed: only now touch the run directory
+    # every check passed: only now touch the run directory (and clear what killed runs left beside it)
+    if accelerator.is_main_process:
+        from lmexpand.checkpoint.writer import clean_stale_partials
+
+        clean_stale_partials(cfg.out)
     if force and resume_from is None and cfg.out.exists() and accelerator.is_main_process:
         shutil.rmtree(cfg.out)
     accelerator.wait_for_everyone()
