@@ -26,6 +26,9 @@ def sign_consensus_mask(deltas: "torch.Tensor", mask_dtype: "torch.dtype") -> "t
     return sign == majority
 
 
+CHUNK = 1 << 18  # elements per chunk of the streamed path: the working set of a few models stays in cache
+
+
 def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, normalize: bool, rescale: bool,
                      lambda_: float, int8_mask: bool) -> "torch.Tensor":
     import torch
@@ -34,6 +37,9 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
     others = x.non_base
     if not others:
         return base
+    if sparsify is None or (sparsify == "magnitude" and not rescale and not x.match_mergekit):
+        return _streamed(x, trim=sparsify == "magnitude", consensus=consensus, normalize=normalize, lambda_=lambda_,
+                         int8_mask=int8_mask)
     density = x.per_model["density"]
     deltas = base.new_empty((len(others), *base.shape))
     masks: list = [None] * len(others)
@@ -91,6 +97,78 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
+
+
+def _streamed(x: Inputs, *, trim: bool, consensus: bool, normalize: bool, lambda_: float,
+              int8_mask: bool) -> "torch.Tensor":
+    """The same arithmetic, in the same dtypes, over chunks of :data:`CHUNK` elements: after
+    each model's trimming threshold is known (one histogram pass over its delta, two in fp32)
+    every step is per element, so chunking changes no bit (the comparison with mergekit runs
+    through here) and needs memory for a few chunks instead of ``models + 3`` whole tensors.
+    Ties at a threshold are kept by lowest flat index, chunk after chunk."""
+    import torch
+
+    from lmexpand.expand.merging.methods.sparsify import kth_largest_of_chunks
+
+    base = x.base.reshape(-1)
+    others = [o.reshape(-1) for o in x.non_base]
+    total = base.numel()
+    density = x.per_model["density"]
+
+    def delta_chunks(i: int):
+        return lambda: (others[i][s:s + CHUNK] - base[s:s + CHUNK] for s in range(0, total, CHUNK))
+
+    keep: list[Any] = []  # per model: None (all), "zero", or [threshold, ties still to keep or None for all]
+    for i in range(len(others)):
+        if not trim or density[i] >= 1:
+            keep.append(None)
+        elif density[i] <= 0 or total == 0:
+            keep.append("zero")
+        else:
+            k = max(1, int(density[i] * total))
+            abs_chunks = delta_chunks(i)
+            threshold, above, equal = kth_largest_of_chunks(lambda: (d.abs() for d in abs_chunks()), base.dtype,
+                                                            base.device, k)
+            keep.append([threshold, k - above if above + equal > k else None])
+    weights = torch.tensor(x.per_model["weight"], dtype=base.dtype, device=base.device).unsqueeze(-1)
+    mask_dtype = torch.int8 if int8_mask else base.dtype
+    out = torch.empty_like(base)
+    for s in range(0, total, CHUNK):
+        b = base[s:s + CHUNK]
+        deltas = b.new_empty((len(others), b.numel()))
+        for i, other in enumerate(others):
+            d = other[s:s + CHUNK] - b
+            rule = keep[i]
+            if rule == "zero":
+                d = torch.zeros_like(d)
+            elif rule is not None:
+                w = d.abs()
+                if rule[1] is None:
+                    kept = w >= rule[0]
+                else:
+                    kept = w > rule[0]
+                    if rule[1] > 0:
+                        ties = torch.nonzero(w == rule[0]).reshape(-1)[:rule[1]]
+                        kept[ties] = True
+                        rule[1] -= ties.numel()
+                d = d * kept  # t·bool: the same ±0 as mergekit's t·1.0/0.0
+            deltas[i] = d
+        deltas.mul_(weights)
+        if consensus:
+            mask = sign_consensus_mask(deltas, mask_dtype)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[s:s + CHUNK] = (b + mixed).to(base.dtype)
+    return out.reshape(x.base.shape)
 
 
 def _task_family(name: str, *, sparsify: Optional[str], consensus: bool, normalize: bool, rescale: bool,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -66,10 +66,18 @@ def top_k_mask(w: "torch.Tensor", k: int) -> "torch.Tensor":
 
 def kth_largest(w: "torch.Tensor", k: int) -> tuple["torch.Tensor", int, int]:
     """The k-th largest value of the flat non-negative float tensor ``w`` (exactly), how many
-    entries are larger and how many equal, by radix selection: non-negative IEEE floats order
-    as their bit patterns do, so a histogram of the 16-bit patterns (bf16/fp16), or of the high
-    then the low halves (fp32), finds it in two passes over the data (4-5x faster than
-    ``kthvalue``'s quickselect on CPU); fp64 uses ``kthvalue``."""
+    entries are larger and how many equal: :func:`kth_largest_of_chunks` over one chunk."""
+    return kth_largest_of_chunks(lambda: iter((w,)), w.dtype, w.device, k)
+
+
+def kth_largest_of_chunks(chunks: Callable[[], Iterator["torch.Tensor"]], dtype: "torch.dtype", device: Any,
+                          k: int) -> tuple["torch.Tensor", int, int]:
+    """Radix selection over the non-negative floats that ``chunks()`` yields (a fresh iterator
+    per pass): non-negative IEEE floats order as their bit patterns do, so a histogram of the
+    16-bit patterns (bf16/fp16; one pass), or of the high then the low halves (fp32; two
+    passes), finds the k-th largest exactly, 4-5x faster than ``kthvalue``'s quickselect on
+    CPU; fp64 uses ``kthvalue`` on the concatenated values. Returns (value, how many are larger,
+    how many equal)."""
     import torch
 
     def pick(counts: "torch.Tensor", k: int) -> tuple[int, int, int]:
@@ -79,16 +87,22 @@ def kth_largest(w: "torch.Tensor", k: int) -> tuple["torch.Tensor", int, int]:
         b = counts.numel() - 1 - i
         return b, int(above[i - 1]) if i else 0, int(counts[b])
 
-    if w.dtype in (torch.bfloat16, torch.float16):
-        b, above, equal = pick(torch.bincount(w.view(torch.int16).to(torch.int32), minlength=1 << 15), k)
-        return torch.tensor(b, dtype=torch.int16, device=w.device).view(w.dtype), above, equal
-    if w.dtype == torch.float32:
-        bits = w.view(torch.int32)
-        high = bits >> 16
-        b_high, above_high, _ = pick(torch.bincount(high, minlength=1 << 15), k)
-        b_low, above, equal = pick(torch.bincount(bits[high == b_high] & 0xFFFF, minlength=1 << 16), k - above_high)
-        value = torch.tensor((b_high << 16) | b_low, dtype=torch.int32, device=w.device).view(torch.float32)
+    if dtype in (torch.bfloat16, torch.float16):
+        counts = sum(torch.bincount(c.reshape(-1).view(torch.int16).to(torch.int32), minlength=1 << 15)
+                     for c in chunks())
+        b, above, equal = pick(counts, k)
+        return torch.tensor(b, dtype=torch.int16, device=device).view(dtype), above, equal
+    if dtype == torch.float32:
+        counts = sum(torch.bincount(c.reshape(-1).view(torch.int32) >> 16, minlength=1 << 15) for c in chunks())
+        b_high, above_high, _ = pick(counts, k)
+        low = []
+        for c in chunks():
+            bits = c.reshape(-1).view(torch.int32)
+            low.append(torch.bincount(bits[(bits >> 16) == b_high] & 0xFFFF, minlength=1 << 16))
+        b_low, above, equal = pick(sum(low), k - above_high)
+        value = torch.tensor((b_high << 16) | b_low, dtype=torch.int32, device=device).view(torch.float32)
         return value, above_high + above, equal
+    w = torch.cat([c.reshape(-1) for c in chunks()])
     value = torch.kthvalue(w, w.numel() - k + 1).values
     return value, int(torch.count_nonzero(w > value)), int(torch.count_nonzero(w == value))
 
