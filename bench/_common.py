@@ -157,3 +157,30 @@ def training_macs(model_dir: Path, seq_len: int, trainable: str = "new") -> floa
     backward_input = sum(linear[first:]) + (n - first) * 2 * attn + h * vocab
     backward_weight = sum(trained) + (h * vocab if trainable == "all" else 0)
     return forward + backward_input + backward_weight
+
+
+def run_facts(run: Path) -> dict:
+    """What a finished `lmexpand train` run cost: tokens seen and training seconds (from its
+    metrics.jsonl; a resumed run's seconds are those of its last launch)."""
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines() if (Path(run) / "metrics.jsonl").is_file() else []
+    if not lines:
+        return {"tokens": None, "seconds": None}
+    last = json.loads(lines[-1])
+    return {"tokens": last.get("tokens"), "seconds": round(last.get("elapsed_s", 0.0), 1), "steps": last.get("step")}
+
+
+def lmx(*args) -> float:
+    """One lmexpand command in this process (no interpreter and torch start per call: a
+    miniature makes dozens), its stdout dropped; returns its seconds, stops on a failure."""
+    import contextlib
+    import io
+
+    from lmexpand.cli import main
+
+    argv = ["-q", *map(str, args)]
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    if code:
+        raise SystemExit(f"`lmexpand {' '.join(argv)}` exited {code}")
+    return time.perf_counter() - t

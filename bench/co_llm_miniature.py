@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import lmx  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+# the data tree (../shared/data; bench/results.py --data-root points its test at a tiny copy)
+DATA = Path(os.environ.get("LMEXPAND_BENCH_DATA") or ROOT.parent / "shared" / "data")
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 GSM8K_TRAIN = DATA / "gsm8k" / "train.jsonl"
 SETS = {"gsm8k": DATA / "gsm8k" / "test.jsonl",
         "openstax": DATA / "general-english" / "openstax-humanities" / "valid.txt",
         "novels": DATA / "general-english" / "novels-1902-1927" / "valid.txt"}
-
-
-def lmx(*args) -> None:
-    r = subprocess.run([sys.executable, "-m", "lmexpand", "-q", *map(str, args)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"lmexpand {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
 
 
 def mixed_set(path: Path, tokens: int) -> Path:
@@ -117,7 +113,13 @@ def main() -> None:
         rows["base fine-tuned alone"]["mixed"], rows["assistant alone (math)"]["mixed"]),
         "defers_more_on_gsm8k": rows[k].get("gsm8k_deferred", 0) > 2 * max(
             rows[k].get("openstax_deferred", 0), rows[k].get("novels_deferred", 0))} for k in co}
-    results = {"models": {"healed": str(healed), "math": str(math_model)}, "rows": rows, "verdict": verdict}
+    from bench._common import run_facts
+
+    training = {name: run_facts(a.out / d) for name, d in (("base fine-tuned alone", "ft"),
+                                                          ("Co-LLM, gate only", "gate"),
+                                                          ("Co-LLM, gate + base", "gate-base"))}
+    results = {"models": {"healed": str(healed), "math": str(math_model)}, "rows": rows, "verdict": verdict,
+               "training": training}
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import lmx  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+# the data tree (../shared/data; bench/results.py --data-root points its test at a tiny copy)
+DATA = Path(os.environ.get("LMEXPAND_BENCH_DATA") or ROOT.parent / "shared" / "data")
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SETS = {"gsm8k": DATA / "gsm8k" / "test.jsonl",
         "openstax": DATA / "general-english" / "openstax-humanities" / "valid.txt",
@@ -41,12 +43,6 @@ SETS = {"gsm8k": DATA / "gsm8k" / "test.jsonl",
 GENERAL_TRAIN = [DATA / "general-english" / "openstax-humanities" / "train.txt",
                  DATA / "general-english" / "novels-1902-1927" / "train.txt"]
 GSM8K_TRAIN = DATA / "gsm8k" / "train.jsonl"
-
-
-def lmx(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "lmexpand", "-q", *map(str, args)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"lmexpand {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
 
 
 def ppl(model: Path, out: Path, sets: tuple[str, ...], max_tokens: int, seq_len: int) -> dict[str, float]:
@@ -97,11 +93,47 @@ def run_sum(m: dict[str, Path], out: Path, a: argparse.Namespace) -> dict:
             "healed": ppl(m["healed"], out / "eval-healed", sets, a.eval_tokens, a.seq_len),
             "sum, untrained": ppl(comp, out / "eval-sum", sets, a.eval_tokens, a.seq_len),
             "sum, heads trained": ppl(run / "model", out / "eval-sum-trained", sets, a.eval_tokens, a.seq_len)}
+    answers = greedy_answers({"math": m["math"], "healed": m["healed"], "sum, untrained": comp,
+                              "sum, heads trained": run / "model"}, out / "answers.json", a)
     t = rows["sum, heads trained"]
     verdict = {"gsm8k_vs_math": t["gsm8k"] / rows["math"]["gsm8k"] - 1,
                "general_vs_healed": max(t[s] / rows["healed"][s] - 1 for s in ("openstax", "novels"))}
     verdict["holds"] = verdict["gsm8k_vs_math"] <= 0.05 and verdict["general_vs_healed"] <= 0.02
-    return {"perplexity": rows, "verdict": verdict}
+    from bench._common import run_facts
+
+    return {"perplexity": rows, "verdict": verdict, "training": run_facts(run), "answers": answers}
+
+
+# The seed's kind of check (the logit sum that fixed "9.11 vs 9.9"): short arithmetic and
+# comparison questions in the GSM8K format, answered greedily.
+PROMPTS = ["Which is larger, 9.11 or 9.9?", "What is 17 + 25?", "What is 6 times 7?",
+           "Which is smaller, 0.5 or 0.45?", "Tom has 12 apples and gives away 5. How many are left?",
+           "What is 100 minus 37?", "Is 3/4 more than 2/3?", "A pen costs $3. How much do 4 pens cost?"]
+
+
+def greedy_answers(models: dict[str, Path], cache: Path, a: argparse.Namespace) -> dict[str, list[str]]:
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+    from lmexpand.compose.loading import load_model
+
+    out: dict[str, list[str]] = {"prompts": PROMPTS}
+    for name, path in models.items():
+        tok = load_tokenizer(path)
+        model = load_model(path, dtype=torch.float32).eval()
+        answers = []
+        for q in PROMPTS:
+            ids = torch.tensor([tok(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.answer_tokens,
+                                   do_sample=False, pad_token_id=tok.pad_token_id or 0, temperature=None, top_p=None,
+                                   top_k=None)
+            answers.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True).split("\nQuestion")[0].strip())
+        out[name] = answers
+    cache.write_text(json.dumps(out, indent=2))
+    return out
 
 
 def run_proxy(m: dict[str, Path], out: Path, a: argparse.Namespace) -> dict:
@@ -190,6 +222,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--gen-batch", type=int, default=20)
+    ap.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens per arithmetic answer (sum)")
     a = ap.parse_args()
     from bench.reference_models import resolve
 

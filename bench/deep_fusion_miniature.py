@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import lmx  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+# the data tree (../shared/data; bench/results.py --data-root points its test at a tiny copy)
+DATA = Path(os.environ.get("LMEXPAND_BENCH_DATA") or ROOT.parent / "shared" / "data")
 GENERAL = {"openstax": DATA / "general-english" / "openstax-humanities",
            "novels": DATA / "general-english" / "novels-1902-1927"}
 CODE = DATA / "code"
-
-
-def lmx(*args) -> None:
-    r = subprocess.run([sys.executable, "-m", "lmexpand", "-q", *map(str, args)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"lmexpand {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
 
 
 def mixed_documents(split: str, n_chars: int, chunk: int, fence: str) -> list[str]:
@@ -118,6 +114,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--pro-blocks", type=int, default=4)
     a = ap.parse_args()
+    from bench._common import run_facts
     from bench.reference_models import resolve
 
     healed = a.healed or resolve("healed")
@@ -138,7 +135,8 @@ def main() -> None:
                 "--batch-size", a.batch_size, "--max-steps", steps, "--lr", a.lr, "--val-every", 0, "--no-tensorboard",
                 "--force")
         rows[name] = {"spans": span_perplexity(run / "model", valid_docs, a.open, a.eval_tokens, a.seq_len),
-                      "general": general_ppl(run / "model", a.out / f"eval-{method}", a)}
+                      "general": general_ppl(run / "model", a.out / f"eval-{method}", a),
+                      "training": run_facts(run)}
     rows["base (healed)"] = {"spans": span_perplexity(healed, valid_docs, a.open, a.eval_tokens, a.seq_len),
                              "general": general_ppl(healed, a.out / "eval-base", a)}
     base_general = rows["base (healed)"]["general"]

@@ -1,6 +1,6 @@
 """LLaMA-Pro's central claim in miniature, on SmolLM2-135M (docs/results.md).
 
-    .venv/bin/python bench/miniature.py [--base healed|embedded] [--steps 160] [--rows NAME,...]
+    .venv/bin/python bench/miniature.py [--base healed|embedded | --base-dir DIR] [--steps 160] [--rows NAME,...]
 
 Domain = GSM8K (train split to train, test split to evaluate), general = OpenStax
 humanities valid + novels valid (../shared/data). Same token budget, data and seed for
@@ -14,6 +14,11 @@ much general skill each method gives up for its domain gain):
   lora@LR                   LoRA r=64 on every linear (~19.5 M params, about LLaMA-Pro's 21.2 M)
   moe@LR                    (only with --rows moe@...) Mixtral-style upcycling, 4 experts top-2,
                             experts and routers trained
+  moe-fg@LR                 (only with --rows) fine-grained + shared experts (DeepSeekMoE): 4
+                            segments, 1 shared, 2 replicas each (6 routed, top-3), experts and
+                            routers trained
+  solar@LR                  (only with --rows) SOLAR depth up-scaling (30 -> 40 blocks, --drop 10),
+                            then full fine-tuning of the deeper model (SOLAR's continued pretraining)
 
 --base healed (the default) starts every row from the healed reference model
 (bench/reference_models.py: the quantization confound removed); --base embedded from the
@@ -32,13 +37,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
+from bench._common import lmx  # noqa: E402
+# the data tree (../shared/data; bench/results.py --data-root points its test at a tiny copy)
+SHARED = Path(os.environ.get("LMEXPAND_BENCH_DATA") or ROOT.parent / "shared" / "data")
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SETS = {
     "math": SHARED / "gsm8k" / "test.jsonl",
@@ -53,31 +60,30 @@ METHODS = {
     "full-ft": (None, ["--trainable", "all"]),
     "lora": (None, LORA),
     "moe": (["moe", "--experts", "4", "--top-k", "2"], []),
+    "moe-fg": (["moe", "--segments", "4", "--shared", "1", "--replicas", "2"], []),
+    "solar": (["upscale", "--drop", "10"], ["--trainable", "all"]),
 }
 DEFAULT_ROWS = ["llama-pro@3e-4", "llama-pro@1e-4", "full-ft@3e-5", "full-ft@1e-5", "lora@2e-4", "lora@5e-5"]
 
 
-def lmx(*args: str) -> float:
-    from lmexpand.cli import main
-
-    t = time.perf_counter()
-    code = main(["-q", *args])
-    if code:
-        raise SystemExit(f"miniature: `lmexpand {' '.join(args)}` exited {code}")
-    return time.perf_counter() - t
+# perplexity and training budgets (bench/results.py --budget tiny changes them for its test)
+EVAL_TOKENS, SEQ_LEN, BATCH = 16384, 256, 4
 
 
 def evaluate(model: str, out: Path) -> dict:
     if not (out / "results.json").is_file():
         data = [a for name, path in SETS.items() for a in ("--data", f"{name}={path}")]
-        lmx("eval", model, *data, "--template", TEMPLATE, "--out", str(out), "--max-tokens", "16384",
-            "--seq-len", "256", "--no-samples")
+        lmx("eval", model, *data, "--template", TEMPLATE, "--out", str(out), "--max-tokens", str(EVAL_TOKENS),
+            "--seq-len", str(SEQ_LEN), "--no-samples")
     res = json.loads((out / "results.json").read_text())
     return {k: v["ppl"] for k, v in res["perplexity"]["model"].items()}
 
 
-def base_model(name: str) -> tuple[str, str]:
+def base_model(name: str, directory: Path | None = None) -> tuple[str, str]:
     """(model dir or embedded name, identity for the cache keys)."""
+    if directory is not None:
+        meta = json.loads((directory / "lmexpand.json").read_text()) if (directory / "lmexpand.json").is_file() else {}
+        return str(directory), meta.get("reference", {}).get("key") or str(directory.resolve())
     if name == "embedded":
         return "smollm2-135m", "smollm2-135m"
     from bench.reference_models import resolve
@@ -91,10 +97,11 @@ def run_row(row: str, base: str, base_id: str, out: Path, steps: int) -> dict:
     if method not in METHODS or not lr:
         raise SystemExit(f"unknown row {row!r}: METHOD@LR with METHOD in {', '.join(METHODS)}")
     surgery, train_args = METHODS[method]
-    common = ["--data", str(SHARED / "gsm8k" / "train.jsonl"), "--template", TEMPLATE, "--seq-len", "256",
-              "--batch-size", "4", "--max-steps", str(steps), "--warmup-steps", "10", "--val-every", "0",
-              "--save-every", "20", "--no-tensorboard", "--seed", "0", "--lr", lr]
-    key = hashlib.sha256(json.dumps([row, base_id, steps, surgery, train_args, common]).encode()).hexdigest()[:12]
+    common = ["--data", str(SHARED / "gsm8k" / "train.jsonl"), "--template", TEMPLATE, "--seq-len", str(SEQ_LEN),
+              "--batch-size", str(BATCH), "--max-steps", str(steps), "--warmup-steps", str(min(10, steps // 2)), "--val-every", "0",
+              "--save-every", str(max(1, min(20, steps // 2))), "--no-tensorboard", "--seed", "0", "--lr", lr]
+    key = hashlib.sha256(json.dumps([row, base_id, steps, surgery, train_args, common, EVAL_TOKENS]).encode()
+                         ).hexdigest()[:12]
     cached = out / "rows" / f"{row}.json"
     if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
         print(f"{row}: cached", flush=True)
@@ -115,7 +122,7 @@ def run_row(row: str, base: str, base_id: str, out: Path, steps: int) -> dict:
     ppl = evaluate(str(run), out / f"eval-{row}-{key}")
     lineage = json.loads((run / "model" / "lmexpand.json").read_text())["training"][-1]
     result = {"key": key, "ppl": ppl, "trainable": lineage["trainable_parameters"], "seconds": seconds,
-              "tokens": steps * 4 * 256, "resumed": resume == ["--resume"]}
+              "tokens": steps * BATCH * SEQ_LEN, "resumed": resume == ["--resume"]}
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=2))
     print(row, result, flush=True)
@@ -123,20 +130,26 @@ def run_row(row: str, base: str, base_id: str, out: Path, steps: int) -> dict:
 
 
 def main() -> None:
+    global EVAL_TOKENS, SEQ_LEN, BATCH
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="healed", help="healed (a reference model, default) or embedded")
     ap.add_argument("--steps", type=int, default=160, help="optimizer steps per row (x 4 x 256 tokens)")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated METHOD@LR rows")
+    ap.add_argument("--base-dir", type=Path, default=None, help="a model directory instead of --base")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/.cache/miniature-BASE")
+    ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    ap.add_argument("--batch-size", type=int, default=BATCH)
     args = ap.parse_args()
+    EVAL_TOKENS, SEQ_LEN, BATCH = args.eval_tokens, args.seq_len, args.batch_size
     out = args.out or ROOT / "bench" / ".cache" / f"miniature-{args.base}"
     out.mkdir(parents=True, exist_ok=True)
-    base, base_id = base_model(args.base)
+    base, base_id = base_model(args.base, args.base_dir)
     rows: dict[str, dict] = {"base": {"ppl": evaluate(base, out / f"eval-base-{base_id}"), "trainable": 0,
-                                      "seconds": 0.0}}
+                                      "seconds": 0.0, "tokens": 0}}
     for row in args.rows.split(","):
         rows[row] = run_row(row, base, base_id, out, args.steps)
-    tokens = args.steps * 4 * 256
+    tokens = args.steps * BATCH * SEQ_LEN
     (out / "miniature.json").write_text(json.dumps({"base": args.base, "tokens": tokens, "rows": rows}, indent=2))
     print(f"\nSame budget: {tokens:,} training tokens per trained row.\n")
     print(markdown_table(rows))

@@ -208,25 +208,48 @@ def test_recipe_with_two_sources(pair, gsm8k_small, tmp_path, capsys):
     assert "calm takes 2 source model(s) (anchor, augment); got 1" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-# Its own limit: ~1,700 CPU-bound training steps of three tiny models (about 5 minutes on an
-# idle 2-core machine) slow down in proportion to whatever else runs; the suite's 900 s
-# default is there to catch hangs, and this test once crossed it on a busy machine.
-@pytest.mark.timeout(3600)
-def test_composition_effect_in_miniature(tmp_path):
-    """CALM's key-value experiment, shortened (bench/calm_miniature.py has the full run and
-    docs/calm.md its figures): the composed model must answer sums of *held-out* keys far
-    better than the anchor alone, and keep the anchor's own arithmetic."""
-    from bench.calm_miniature import run
+# CALM's effect on held-out keys (the paper's sec. 4.1 experiment, ~1,700 training steps of three toy
+# models) is measured by bench/results.py's `calm` stage (docs/results.md section 8). The suite keeps
+# the mechanism the effect rests on, in about a minute: the bridges carry what only the augmenting
+# model knows into an anchor that knows nothing of it.
+def test_bridges_carry_what_only_the_augmenting_model_knows(tmp_path):
+    import random
 
-    rows = {label: (held, seen, arith) for label, held, seen, arith in
-            run(tmp_path / "mini", aug_steps=500, anchor_steps=600, bridge_steps=600, control=False)}
-    anchor, composed = rows["anchor alone"], rows["composed (CALM)"]
-    print("miniature (held-out, training keys, arithmetic):", rows)
-    # The effect's size depends on the machine's floating-point details (docs/calm.md): with these
-    # 600 bridge steps, 14.7 % vs 3.5 % on the 2026-12-01 AMD EPYC machine; 70.7 % vs 7.0 % with
-    # 1,000 steps on the earlier one. Asserted: the composed model answers held-out sums at least
-    # 8 points and 3x more often than the anchor alone (chance is 10 %; the anchor never saw a key).
-    assert composed[0] >= anchor[0] + 0.08 and composed[0] >= 3 * anchor[0]
-    assert composed[1] >= anchor[1] + 0.08
-    assert composed[2] >= 0.9
+    import torch
+
+    from bench.calm_miniature import _memorized, exact_match, llama, pretrain, save_char_tokenizer
+    from lmexpand.compose.loading import load_model
+
+    torch.set_num_threads(2)
+    rng = random.Random(0)
+    keys = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3)) for _ in range(40)})[:30]
+    value = {k: rng.randrange(10) for k in keys}
+    torch.manual_seed(0)
+    aug = llama(64, 2)
+    pretrain(aug, [f"{k}{value[k]}" for k in keys], steps=300, seq=32, batch=32)
+    assert _memorized(aug, keys, value) >= 0.9  # the augmenting model knows the table
+    torch.manual_seed(1)
+    anchor = llama(64, 2)  # never trained: it cannot know any value
+    for name, model in (("augment", aug), ("anchor", anchor)):
+        model.save_pretrained(tmp_path / name)
+        save_char_tokenizer(tmp_path / name)
+    prompts, answers = [f"{k}=" for k in keys], [str(value[k]) for k in keys]
+    with open(tmp_path / "lookups.jsonl", "w") as f:
+        for i in range(3000):
+            k = keys[i % len(keys)]
+            f.write(json.dumps({"text": f"\n{k}={value[k]}"}) + "\n")
+    assert main(["-q", "surgery", "calm", str(tmp_path / "anchor"), str(tmp_path / "augment"), str(tmp_path / "calm"),
+                 "--pairs", "0:1,1:1", "--heads", "4"]) == 0
+    assert main(["-q", "train", "--model", str(tmp_path / "calm"), "--data", str(tmp_path / "lookups.jsonl"),
+                 "--seq-len", "8", "--no-pack", "--batch-size", "64", "--max-steps", "150", "--lr", "3e-3",
+                 "--warmup-steps", "10", "--loss-from", "=", "--val-every", "0", "--save-every", "0",
+                 "--no-tensorboard", "--out", str(tmp_path / "run")]) == 0
+    composed = load_model(tmp_path / "run" / "model").eval()
+    alone = exact_match(anchor.eval(), prompts, answers)
+    learned = exact_match(composed, prompts, answers)
+    # the same bridges reading an augmenting model that knows nothing: the answers were read, not memorized
+    torch.manual_seed(2)
+    composed.augment.load_state_dict(llama(64, 2).model.state_dict())
+    swapped = exact_match(composed, prompts, answers)
+    print(f"exact match: anchor alone {alone:.0%}, composed {learned:.0%}, bridges over an untrained augment {swapped:.0%}")
+    assert learned >= 0.8 and alone <= 0.3 and swapped <= 0.4
