@@ -460,7 +460,7 @@ def test_streamed_task_arithmetic_is_chunk_invariant(monkeypatch):
                                                   "lambda": 1.3})):
             per_model = {"weight": [0.3, 0.5, 0.4], "density": [0.5, 0.0, 0.9]}
             outs = []
-            for chunk in (1 << 18, 4099, 1000):
+            for chunk in (1 << 20, 4099, 1000):
                 monkeypatch.setattr(gta, "CHUNK", chunk)
                 outs.append(METHODS[name].fn(Inputs([base] + others, 0, per_model), **shared))
             assert all(torch.equal(_bits(outs[0]), _bits(o)) for o in outs[1:]), (dtype, name)

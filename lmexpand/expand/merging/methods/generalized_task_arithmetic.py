@@ -26,7 +26,8 @@ def sign_consensus_mask(deltas: "torch.Tensor", mask_dtype: "torch.dtype") -> "t
     return sign == majority
 
 
-CHUNK = 1 << 18  # elements per chunk of the streamed path: the working set of a few models stays in cache
+CHUNK = 1 << 20  # elements per chunk of the streamed path: large enough for torch's per-op overhead and threads, small
+# enough that a group of models needs tens of MB instead of whole tensors
 
 
 def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, normalize: bool, rescale: bool,
