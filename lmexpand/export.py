@@ -36,11 +36,28 @@ def find_eval_results(model_dir: Path, explicit: Path | None) -> dict[str, Any] 
         f = explicit / "results.json" if explicit.is_dir() else explicit
         if not f.is_file():
             raise ConfigError(f"--eval {explicit}: no results.json there; run `lmexpand eval ... --out DIR` first.")
-        return json.loads(f.read_text())
+        return _read_results(f, "--eval")
     for candidate in (model_dir.parent / "eval" / "results.json", model_dir / "eval" / "results.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return _read_results(candidate, "the evaluation found beside the model")
     return None
+
+
+def _read_results(path: Path, what: str) -> dict[str, Any]:
+    """An `lmexpand eval` results.json, checked for what the model card reads from it."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: not a readable results.json ({type(e).__name__}: {e}). Run `lmexpand eval "
+                          "... --out DIR` again to rewrite it, or give another --eval.") from None
+    ppl = results.get("perplexity") if isinstance(results, dict) else None
+    rows_ok = isinstance(ppl, dict) and all(
+        isinstance(row, dict) and all(isinstance(v, dict) and isinstance(v.get("ppl"), (int, float)) for v in row.values())
+        for row in ppl.values())
+    if not rows_ok:
+        raise ConfigError(f"{what} {path}: not the results.json `lmexpand eval` writes (no perplexity table of "
+                          "numbers). Run `lmexpand eval ... --out DIR` again, or give another --eval.")
+    return results
 
 
 def model_card(config: dict[str, Any], lineage: dict[str, Any] | None, results: dict[str, Any] | None,

@@ -166,18 +166,14 @@ class ModelFacts:
     source: str = ""  # the surgery's first source (the eval base by default)
 
     @classmethod
-    def of_dir(cls, model: str, what: str) -> "ModelFacts":
+    def of_dir(cls, model: str, what: str, allow_pickle: bool = False) -> "ModelFacts":
         from lmexpand.checkpoint.reader import CheckpointReader
         from lmexpand.checkpoint.sources import resolve_source
 
-        path = resolve_source(model)
-        try:
-            with CheckpointReader(path, need_family=False, allow_pickle=True) as r:
-                lineage = r.lineage()
-                return cls(dict(r.config), frozenset(t.name for t in r), tuple(lineage.get("new_parameters") or [])
-                           if lineage is not None else None, what)
-        except Exception:  # an unreadable model is reported by the stage's own checks, with its key
-            return cls({}, frozenset(), None, what)
+        with CheckpointReader(resolve_source(model), need_family=False, allow_pickle=allow_pickle) as r:
+            lineage = r.lineage()
+            return cls(dict(r.config), frozenset(t.name for t in r), tuple(lineage.get("new_parameters") or [])
+                       if lineage is not None else None, what)
 
     def after_training(self, key: str) -> "ModelFacts":
         """A trained model keeps its tensors and its lineage (an empty one if it had none)."""
@@ -427,7 +423,8 @@ def _check_job(job: Job, source_model: str | None) -> None:
     for stage in job.train_stages:
         check_sources(stage.data)
     model_facts = job.planned if job.surgery is not None else (
-        ModelFacts.of_dir(str(job.train_stages[0].model), "train.model") if job.train_stages else None)
+        ModelFacts.of_dir(str(job.train_stages[0].model), f"{_stage_key(0, n)}.model {job.train_stages[0].model}",
+                          job.train_stages[0].allow_pickle) if job.train_stages else None)
     for i, stage in enumerate(job.train_stages):
         assert model_facts is not None
         preflight_train(where, _stage_key(i, n), stage, model_facts)

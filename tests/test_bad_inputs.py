@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -232,6 +233,49 @@ def _state_edit(ctx: Ctx, name: str, fn) -> Path:
     fn(state)
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
     return d
+
+
+def _swapped_tokenizer(ctx: Ctx) -> Path:
+    """A copy of the tiny Llama whose tokenizer gives two tokens each other's ids (same size)."""
+    d = ctx.root / "inputs" / "swapped-tok"
+    if d.exists():
+        return d
+    d = ctx.model_copy("swapped-tok")
+    tok = json.loads((d / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 10][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    return d
+
+
+def _config_without(ctx: Ctx, name: str, key: str) -> Path:
+    d = ctx.model_copy(name)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop(key, None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _chat_template(ctx: Ctx, name: str, template: str) -> Path:
+    d = ctx.model_copy(name)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    return d
+
+
+def _started_run(ctx: Ctx) -> Path:
+    """A training run of the tiny LLaMA-Pro stopped after a checkpoint at step 1 (of 2)."""
+    run = ctx.root / "inputs" / "started-run"
+    if not run.exists():
+        from lmexpand.cli import main
+
+        assert main(["-q", *_train(ctx, ctx.pro, None, "--save-every", "1", out=run)]) == 0
+        import shutil as _sh
+
+        _sh.rmtree(run / "model")  # as if it had stopped after its first checkpoint
+    return run
 
 
 def _nan_ffn(state) -> None:
@@ -817,6 +861,93 @@ CASES: list[Case] = [
     Case("generate-missing-model", "generate from a directory that does not exist",
          lambda c: ["generate", c.root / "nowhere", "--prompt", "hi"], ("nowhere",)),
 
+    # -- issue 33: non-finite values, run --check = the run's checks, bounds ---------------
+    Case("merge-passthrough-nan", "passthrough (raw copies) of a model holding a NaN",
+         lambda c: ["merge", _merge(c, "m-pass-nan", {"merge_method": "passthrough", "slices": [{"sources": [
+             {"model": str(_state_edit(c, "nan-ffn", _nan_ffn)), "layer_range": [0, 4]}]}]}), c.out],
+         ("model.layers.0.mlp.up_proj.weight", "NaN/Inf", "nothing was written")),
+    Case("llama-pro-copies-nan", "LLaMA-Pro of a model holding a NaN in a copied tensor",
+         lambda c: ["surgery", "llama-pro", _state_edit(c, "nan-ffn", _nan_ffn), c.out, "--add", "1"],
+         ("model.layers.0.mlp.up_proj.weight", "NaN/Inf")),
+    Case("export-nan", "export of a model holding a NaN",
+         lambda c: ["export", _state_edit(c, "nan-ffn", _nan_ffn), c.out], ("model.layers.0.mlp.up_proj.weight",)),
+    Case("composition-member-nan", "a proxy-tuning member holding a NaN",
+         lambda c: ["surgery", "proxy-tune", c.tiny, _state_edit(c, "nan-ffn", _nan_ffn), c.model_copy("px-a"),
+                    c.out], ("expert", "NaN/Inf", "model.layers.0.mlp.up_proj.weight")),
+    Case("proxy-huge-alpha", "a proxy-tuning alpha so large the logits overflow",
+         lambda c: ["surgery", "proxy-tune", c.tiny, c.model_copy("px-e"), c.model_copy("px-a"), c.out,
+                    "--alpha", "1e36"], ("--alpha", "1000")),
+    Case("logit-sum-huge-weight", "a logit-sum weight so large the logits overflow",
+         lambda c: ["surgery", "logit-sum", c.tiny, c.model_copy("ls-b"), c.out, "--weights", "1,1e30"],
+         ("--weights", "overflow")),
+    Case("eval-nan-model", "eval of a model whose logits are NaN",
+         lambda c: ["eval", _state_edit(c, "nan-ffn", _nan_ffn), "--data", f"math={c.data}", "--template", TEMPLATE,
+                    "--out", c.out, "--seq-len", "32", "--no-samples"], ("not a number", "math", "verify")),
+    Case("generate-nan-model", "generate from a model whose logits are NaN",
+         lambda c: ["generate", _state_edit(c, "nan-ffn", _nan_ffn), "--prompt", "hi", "--max-new-tokens", "2"],
+         ("NaN/Inf", "empty text")),
+    Case("eval-out-not-empty", "eval into a non-empty --out without --force",
+         lambda c: ["eval", c.tiny, "--data", f"math={c.data}", "--template", TEMPLATE,
+                    "--out", c.file("eval-full/notes.txt", "x").parent], ("not empty", "--force")),
+    Case("eval-no-text-field", "eval of JSONL records without the text field",
+         lambda c: ["eval", c.tiny, "--data", f"math={c.data}", "--out", c.out], ("no field 'text'", "--text-field")),
+    Case("eval-unclosed-brace", "an eval template with an unclosed {",
+         lambda c: ["eval", c.tiny, "--data", f"math={c.data}", "--template", "Q: {question", "--out", c.out],
+         ("--template",)),
+    Case("run-check-merge-then-train", "a recipe training a merge with the default (empty) trainable set",
+         lambda c: ["run", _recipe(c, "chk-merge-train", {
+             "surgery": {"method": "merge", "args": {"config": str(_merge(c, "m-for-run", {
+                 "merge_method": "linear", "models": [{"model": str(c.tiny), "parameters": {"weight": 1}}]}))}},
+             "train": {"data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32}}), "--check"],
+         ("train.trainable", "no new parameters", "trainable: all")),
+    Case("run-check-composition-train", "a recipe training a composition that has nothing to train",
+         lambda c: ["run", _recipe(c, "chk-cd-train", {
+             "surgery": {"method": "contrastive", "source": [str(c.tiny), str(c.model_copy("cd-a"))]},
+             "train": {"data": [{"path": str(c.data), "template": TEMPLATE}], "seq_len": 32}}), "--check"],
+         ("train: nothing to train", "contrastive")),
+    Case("run-check-contrastive-eval", "a recipe scoring the perplexity of contrastive decoding",
+         lambda c: ["run", _recipe(c, "chk-cd-eval", {
+             "surgery": {"method": "contrastive", "source": [str(c.tiny), str(c.model_copy("cd-a"))]},
+             "eval": {"data": {"math": str(c.data)}, "template": TEMPLATE}}), "--check"],
+         ("eval:", "perplexity is infinite")),
+    Case("run-check-marker-tokens", "a recipe's deep-fusion marker that is several tokens",
+         lambda c: ["run", _recipe(c, "chk-df-marker", {
+             "surgery": {"method": "deep-fusion", "source": str(c.tiny), "args": {"open": "```"}}}), "--check"],
+         ("surgery.args.open", "not a single token")),
+    Case("run-check-eval-text-field", "a recipe's eval data without its text field",
+         lambda c: ["run", _recipe(c, "chk-eval-field", {
+             "surgery": {"method": "llama-pro", "source": str(c.tiny), "args": {"add": 1}},
+             "eval": {"data": {"math": str(c.data)}}}), "--check"], ("eval.data.math", "eval.text_field")),
+    Case("merge-too-many-layers", "a passthrough merge past the layer limit",
+         lambda c: ["merge", _merge(c, "m-layers", {"merge_method": "passthrough", "slices": [
+             {"sources": [{"model": str(c.tiny), "layer_range": [0, 4]}]} for _ in range(2600)]}), c.out, "--dry-run"],
+         ("num_hidden_layers = 10,400", "10,000")),
+    Case("merge-other-tokenizer", "a merge of models whose tokenizers map tokens to other ids",
+         lambda c: ["merge", _merge(c, "m-tok", {"merge_method": "linear", "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}},
+             {"model": str(_swapped_tokenizer(c)), "parameters": {"weight": 1}}]}), c.out],
+         ("different tokenizers", "token->id pairs differ")),
+    Case("config-no-layers", "a config without num_hidden_layers",
+         lambda c: ["inspect", _config_without(c, "no-layers", "num_hidden_layers")],
+         ("no num_hidden_layers", "Fix config.json")),
+    Case("export-corrupt-results", "export --eval of a results.json that is not JSON",
+         lambda c: ["export", c.tiny, c.out, "--eval", c.file("bad-eval/results.json", "{not json")],
+         ("--eval", "not a readable results.json")),
+    Case("generate-undecodable-prompt", "a prompt with bytes that are not UTF-8",
+         lambda c: ["generate", c.tiny, "--prompt", b"caf\xff".decode("utf-8", "surrogateescape")],
+         ("--prompt", "not valid UTF-8")),
+    Case("generate-broken-chat-template", "--chat with a chat template that is not valid Jinja",
+         lambda c: ["generate", _chat_template(c, "bad-jinja", "{% for m in messages %}{{ m.content }"),
+                    "--prompt", "hi", "--chat"], ("not valid Jinja", "line 1")),
+    Case("resume-other-seq-len", "--resume with another --seq-len than the run's",
+         lambda c: _train(c, c.pro, None, "--resume", "--seq-len", "48", out=_started_run(c)),
+         ("--resume", "--seq-len 48", "the run used 32")),
+    Case("co-llm-init-steps-huge", "--co-llm-init-steps beyond the limit",
+         lambda c: _train(c, c.pro, None, "--co-llm-init-steps", "100000"), ("--co-llm-init-steps", "10000")),
+    Case("recipe-many-unknown-keys", "a recipe with thousands of unknown keys (a short message)",
+         lambda c: ["run", _recipe(c, "many-keys", {"workdir": "w", **{f"key{i}": i for i in range(5000)}}),
+                    "--check"], ("unknown key", "and 4,995 more problem(s)")),
+
 ]
 
 
@@ -883,6 +1014,8 @@ def test_bad_input(case: Case, ctx: Ctx, tiny_llama, tiny_pro):
     assert "\n\n" not in body.strip(), f"more than one paragraph: {msg}"
     for needle in case.needles:
         assert needle in msg, f"{needle!r} not in: {msg}"
+    doubled = re.search(r"\b([a-z]{2,}) \1\b", msg)  # "the model model's" (usage strings are upper case)
+    assert doubled is None, f"doubled word {doubled.group(0)!r} in: {msg}"
     assert _snapshot(ctx.root) == before, "something was written"
     assert (_snapshot(tiny_llama), _snapshot(tiny_pro)) == src_before
     assert not ctx.out.exists()

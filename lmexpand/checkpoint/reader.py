@@ -81,6 +81,24 @@ def _content_sample(path: Path, blocks: int = 16, size: int = 4096) -> bytes:
         os.close(fd)
 
 
+# what every config of a known family states: without them transformers builds the class's
+# default sizes (32 layers of 4096 for Llama), not the checkpoint
+_REQUIRED_SIZES = ("hidden_size", "vocab_size")
+
+
+def _require_sizes(config: dict[str, Any], family: Family | None, config_path: Path) -> None:
+    from lmexpand.checkpoint.families import FAMILIES
+
+    family = family or next((f for f in FAMILIES.values() if config.get("model_type") in f.model_types), None)
+    if family is None:
+        return
+    missing = [k for k in (family.num_layers_key, *_REQUIRED_SIZES) if config.get(k) is None]
+    if missing:
+        raise SourceError(f"{config_path}: no {' and no '.join(missing)}: a {family.name} config states its number of "
+                          "layers, hidden size and vocabulary size (without them transformers would build its default "
+                          "sizes, another model). Fix config.json or re-download the model.")
+
+
 class CheckpointReader:
     """A Hugging Face model directory opened for streaming.
 
@@ -105,6 +123,7 @@ class CheckpointReader:
             raise SourceError(f"{config_path}: config must be a JSON object. Fix config.json or re-download the model.")
         check_config_sizes(self.config, str(config_path))
         self.family: Family | None = detect_family(self.config, str(config_path)) if need_family else None
+        _require_sizes(self.config, self.family, config_path)
         self.is_pickle = False
         self.weight_files: list[Path] = []
         self.metadata: dict[str, str] = {}

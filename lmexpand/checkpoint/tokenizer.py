@@ -86,3 +86,23 @@ def shared_token_ids(members: list[tuple[str, Path]]) -> int:
                 "share one tokenizer. Compose models fine-tuned from the same base, or give them that base's "
                 "tokenizer if they were trained with it.")
     return max(vocab0.values()) + 1 if vocab0 else 0
+
+
+def check_chat_template(template: Any, where: str) -> None:
+    """A Jinja chat template compiles (as transformers compiles it: sandboxed), or a
+    :class:`SourceError` naming where it came from and the line; checked when a template is
+    chosen (training writes it into its output) and before generate uses one."""
+    templates = template.values() if isinstance(template, dict) else [template]
+    for text in templates:
+        if not isinstance(text, str):
+            continue
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
+        except TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise SourceError(f"{where}: its chat template is not valid Jinja{line}: {e}. Fix the template "
+                              "(tokenizer_config.json `chat_template`, or chat_template.jinja) or use another one.") \
+                from None

@@ -67,7 +67,13 @@ class GenerationResult:
 def prepare_prompts(tokenizer: Any, prompts: list[str], settings: GenerationSettings, model_dir: Path) -> list[str]:
     if not prompts:
         raise ConfigError("give a prompt: --prompt TEXT (repeat it for a batch).")
-    for p in prompts:
+    for p in prompts + ([settings.system] if settings.system else []):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the terminal could not decode arrive as surrogates
+            raise ConfigError(f"--prompt/--system {p[:40]!r}: not valid UTF-8 text (an undecodable byte at character "
+                              f"{e.start}). Give the text in UTF-8 (check the terminal's or the file's encoding).") \
+                from None
         if not p.strip():
             raise ConfigError("--prompt is empty: give some text to continue.")
     if not settings.chat:
@@ -76,6 +82,9 @@ def prepare_prompts(tokenizer: Any, prompts: list[str], settings: GenerationSett
         raise ConfigError(f"{model_dir}: its tokenizer has no chat template, so --chat cannot format the prompt. Drop "
                           "--chat (plain continuation), or add the template of the model it was made from "
                           "(tokenizer_config.json `chat_template`, or chat_template.jinja).")
+    from lmexpand.checkpoint.tokenizer import check_chat_template
+
+    check_chat_template(tokenizer.chat_template, f"{model_dir}")
     out = []
     for p in prompts:
         messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + \

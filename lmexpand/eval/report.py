@@ -69,6 +69,11 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _row_name(label: str) -> str:
+    """How messages name a row: "evaluated model", "base model", "--compare old model"."""
+    return {"model": "evaluated model", "base": "base model"}.get(label, f"--compare {label} model")
+
+
 def unscorable(config: dict[str, Any]) -> str | None:
     """Why a model of this config has no perplexity to report (eval and `run --check` ask), or None."""
     if config.get("plausibility"):
@@ -115,14 +120,14 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
             require_structure(reader)
         reader.close()
         register_if_composed(path)  # its config type must be known to load its tokenizer
-        tokenizers[label] = load_tokenizer(path, what=f"{label} model")
+        tokenizers[label] = load_tokenizer(path, what=_row_name(label))
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         reason = unscorable(cfg)
         if reason:
-            raise ConfigError(f"the {label} model {path} {reason}")
+            raise ConfigError(f"the {_row_name(label)} {path} {reason}")
         max_pos = cfg.get("max_position_embeddings") or (cfg.get("anchor") or {}).get("max_position_embeddings")
         if isinstance(max_pos, int) and seq_len > max_pos:
-            raise ConfigError(f"--seq-len {seq_len} exceeds the {label} model's max_position_embeddings ({max_pos}) "
+            raise ConfigError(f"--seq-len {seq_len} exceeds the {_row_name(label)}'s max_position_embeddings ({max_pos}) "
                               f"({path}). Use --seq-len {max_pos} or less.")
     vocabs = {label: tok.get_vocab() for label, tok in tokenizers.items()}
     ref = vocabs["model"]
@@ -181,7 +186,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
             try:
                 results["perplexity"][label][ts.name] = perplexity(model, ids, seq_len=seq_len, stride=stride)
             except NonFiniteError as e:
-                raise NonFiniteError(f"the {label} model {path} {e} (text set {ts.name}); nothing was written.") from None
+                raise NonFiniteError(f"the {_row_name(label)} {path} {e} (text set {ts.name}); nothing was written.") from None
             log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
                      results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
         if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":

@@ -59,6 +59,9 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None, model: str)
         if "{{" not in text and "{%" not in text:
             raise ConfigError(f"--chat-template {chat_template}: not a Jinja template (no {{{{ }}}} or {{% %}}). Give "
                               "'chatml' or a template file.")
+        from lmexpand.checkpoint.tokenizer import check_chat_template
+
+        check_chat_template(text, f"--chat-template {chat_template}")
         return text
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
@@ -67,6 +70,9 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None, model: str)
         raise ConfigError(f"chat data: the tokenizer of {model} has no chat template, so conversations cannot be "
                           "rendered the way the model will see them. Give --chat-template chatml (recipe key "
                           "chat_template: chatml) or --chat-template FILE with a Jinja template.")
+    from lmexpand.checkpoint.tokenizer import check_chat_template
+
+    check_chat_template(own, f"the tokenizer of {model}")
     return own
 
 

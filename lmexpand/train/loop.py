@@ -53,6 +53,7 @@ def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | 
         if ckpt is None:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from (looked in {run_dir}/checkpoints). "
                               "Run without --resume to start it.")
+        _compare_with_run(cfg, run_dir)
         return ckpt
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
@@ -61,6 +62,37 @@ def _resume_point(cfg: TrainConfig, resume: bool | Path, force: bool) -> Path | 
                 "--force to start over (its contents are deleted), or choose another --out."
             )
     return None
+
+
+# settings that decide which tokens each step sees or which parameters train: a resume with
+# other values would not continue the run but start another one on top of it
+_RESUME_MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "pack", "seed", "val_fraction", "document_masking",
+                      "streaming", "chat_template", "trainable", "extra_trainable", "lora", "load_in_4bit")
+
+
+def _compare_with_run(cfg: TrainConfig, run_dir: Path) -> None:
+    """--resume against the settings the run started with (train_config.json): refused when
+    the blocks or the trained set would differ (the data itself is compared by fingerprint
+    with the checkpoint), stated when only the schedule or logging changes."""
+    from lmexpand.validation import first_few, flag_name
+
+    saved_path = run_dir / "train_config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return  # (a run of a version before this file, or --resume-from another place: the checkpoint's checks hold)
+    current = json.loads(cfg.model_dump_json())
+    changed = sorted(k for k in set(saved) | set(current)
+                     if saved.get(k) != current.get(k) and k not in ("out", "data", "model"))  # (fingerprinted)
+    hard = [k for k in changed if k in _RESUME_MUST_MATCH]
+    if hard:
+        raise ConfigError("--resume: " + first_few([f"{flag_name(k)} {current.get(k)!r} (the run used {saved.get(k)!r})"
+                                                    for k in hard])
+                          + f": the steps would not see the blocks or train the parameters the run in {run_dir} did. "
+                          "Resume with the run's values, or start a new run (--force, or another --out).")
+    if changed:
+        log.warning("--resume with settings changed since %s started: %s; they apply from the resumed step on",
+                    run_dir, "; ".join(f"{flag_name(k)} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:10]))
 
 
 def _load_model(cfg: TrainConfig, model_dir: Path, trainable_hint: set[str] | None, use_bf16: bool):
@@ -254,6 +286,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
     if force and resume_from is None and cfg.out.exists() and accelerator.is_main_process:
         shutil.rmtree(cfg.out)
     accelerator.wait_for_everyone()
+    created_out = not cfg.out.exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (cfg.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
@@ -315,6 +348,7 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                                       **{f"val_loss/{k}": v for k, v in per_source.items()}}) + "\n")
     start_time = time.perf_counter()
     start_tokens = state.tokens
+    first_step = state.step
     while state.step < cfg.max_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         aux_total = torch.zeros((), device=accelerator.device)
@@ -335,6 +369,8 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
                     grad_norm = accelerator.clip_grad_norm_(list(loss_model.parameters()) if sharded else params,
                                                             cfg.max_grad_norm or float("inf"))
                     _stop_if_not_finite(grad_norm, state.step + 1, cfg)
+                    if state.step == first_step:
+                        _stop_if_unreachable(grad_norm, model, tokenizer, cfg, created_out, data)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / cfg.grad_accum
@@ -522,6 +558,57 @@ def _stop_if_not_finite(grad_norm, step: int, cfg: TrainConfig) -> None:
         f"step {step}: the gradient norm is {norm} (the loss or the weights hold NaN/Inf). Training stopped before "
         f"applying this step, and no final model was written; {kept}. Lower --lr, check the data, or look for NaN/Inf "
         f"in the model with `lmexpand verify {cfg.model} --values all`.")
+
+
+# why the data may reach no trainable parameter, by composed kind (the general reason otherwise)
+_UNREACHABLE = {
+    "lmexpand_deep_fusion": "a deep-fusion model's experts run only on tokens inside marked spans, and no block of the "
+                            "first batch holds a marker ({markers}): give data with the markers the surgery was made "
+                            "for (code fences, formulas), or make the surgery with markers this data has",
+    "lmexpand_co_llm": "the gate gets no gradient where deferring to the assistant changes nothing (the assistant and "
+                       "the base agree on every target of the first batch): give data where the assistant helps",
+}
+
+
+def _markers_later(model, data, blocks: int = 20_000) -> bool:
+    """Deep fusion: whether a marker appears in the first ``blocks`` training blocks (the
+    first batch may miss the spans of sparse data)."""
+    import numpy as np
+
+    ids = list(getattr(model.config, "open_ids", []) or [])
+    if not ids:
+        return False
+    for i, row in enumerate(data.train_block_iter(0)):
+        if i >= blocks:
+            return False
+        if np.isin(np.asarray(row), ids).any():
+            return True
+    return False
+
+
+def _stop_if_unreachable(grad_norm, model, tokenizer, cfg: TrainConfig, created_out: bool, data) -> None:
+    """A zero gradient on every trainable tensor after the first batch: the data cannot train
+    them (deep fusion without markers once trained for hours and changed nothing). Stop
+    before the first optimizer step, saying why; a run directory made by this run is removed.
+    (Deep fusion on data whose first batch has no span, but later blocks do, goes on.)"""
+    if float(grad_norm) != 0.0:
+        return
+    kind = getattr(model.config, "model_type", None)
+    if kind == "lmexpand_deep_fusion" and _markers_later(model, data):
+        log.warning("the first batch holds no marked span, so the experts got no gradient from it; later blocks "
+                    "have markers: training goes on")
+        return
+    reason = _UNREACHABLE.get(kind, "no trainable tensor takes part in computing the loss of this data (the "
+                                    "trainable set, --trainable / --extra-trainable, or --loss-from leaving no target)")
+    markers = ""
+    if "{markers}" in reason:
+        ids = list(getattr(model.config, "open_ids", []) or []) + list(getattr(model.config, "close_ids", []) or [])
+        markers = ", ".join(repr(tokenizer.decode([i])) for i in ids[:4]) or "none"
+    if created_out:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    raise ConfigError(f"{cfg.model}: every trainable tensor has a zero gradient after the first batch of "
+                      f"{', '.join(str(d.path) for d in cfg.data)}, so training would change nothing: "
+                      + reason.format(markers=markers) + ". Nothing was trained or written.")
 
 
 def _router_monitor(model, model_dir: Path, cfg: TrainConfig):

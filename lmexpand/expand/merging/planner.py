@@ -193,9 +193,33 @@ def open_models(file: MergeFile, where: str, *, allow_pickle: bool = False,
     return Resolved(file, method, refs, readers, base, slices)
 
 
+def _tokenizer_problems(r: Resolved) -> list[str]:
+    """The inputs' tokenizers map text to the same ids (as compositions require): rows of
+    merged embeddings and heads are then the same tokens. A ``tokenizer_source`` the user
+    named is their choice of vocabulary, left to them."""
+    from lmexpand.checkpoint.tokenizer import has_tokenizer, load_tokenizer
+
+    if r.file.tokenizer_source is not None or len({reader.config.get("vocab_size") for reader in r.readers}) > 1:
+        return []  # (vocabularies of different sizes are named as such by the shape check)
+    with_tokenizer = [(ref, reader.path) for ref, reader in zip(r.models, r.readers) if has_tokenizer(reader.path)]
+    if len(with_tokenizer) < 2:
+        return []
+    ref0, path0 = with_tokenizer[0]
+    vocab0 = load_tokenizer(path0, what=f"model {ref0}").get_vocab()
+    for ref, path in with_tokenizer[1:]:
+        vocab = load_tokenizer(path, what=f"model {ref}").get_vocab()
+        if vocab != vocab0:
+            differ = sorted(set(vocab.items()) ^ set(vocab0.items()), key=lambda kv: kv[1])
+            return [f"{ref} and {ref0} have different tokenizers ({len(vocab):,} vs {len(vocab0):,} tokens, "
+                    f"{len(differ):,} token->id pairs differ, e.g. {differ[0][0]!r} -> {differ[0][1]}): row i of their "
+                    "embeddings and heads is not the same token, so merging them mixes unrelated tokens. Merge "
+                    "models fine-tuned from one base (one tokenizer)"]
+    return []
+
+
 def _check_structure(r: Resolved, where: str) -> list[str]:
-    """Families, layer ranges and counts; returns problems."""
-    problems = []
+    """Families, layer ranges and counts, tokenizers; returns problems."""
+    problems = _tokenizer_problems(r)
     donor = r.readers[r.base if r.base is not None else 0]
     fam = donor.family
     for ref, reader in zip(r.models, r.readers):
