@@ -164,6 +164,7 @@ class ModelFacts:
     new_parameters: tuple[str, ...] | None
     what: str  # "the surgery's output (proxy-tune)", "train.model out/x"
     source: str = ""  # the surgery's first source (the eval base by default)
+    tokenizer_dir: str = ""  # where its tokenizer is (the surgery copies its source's)
 
     @classmethod
     def of_dir(cls, model: str, what: str, allow_pickle: bool = False) -> "ModelFacts":
@@ -173,11 +174,12 @@ class ModelFacts:
         with CheckpointReader(resolve_source(model), need_family=False, allow_pickle=allow_pickle) as r:
             lineage = r.lineage()
             return cls(dict(r.config), frozenset(t.name for t in r), tuple(lineage.get("new_parameters") or [])
-                       if lineage is not None else None, what)
+                       if lineage is not None else None, what, tokenizer_dir=str(r.path))
 
     def after_training(self, key: str) -> "ModelFacts":
         """A trained model keeps its tensors and its lineage (an empty one if it had none)."""
-        return ModelFacts(self.config, self.tensors, self.new_parameters or (), f"the model {key} writes")
+        return ModelFacts(self.config, self.tensors, self.new_parameters or (), f"the model {key} writes",
+                          tokenizer_dir=self.tokenizer_dir)
 
 
 def _must_exist(where: str, value: str) -> None:
@@ -318,8 +320,9 @@ def preflight_surgery(job: Job) -> ModelFacts:
     finally:
         for r in readers:
             r.close()
+    source = str(plan.sources[plan.carry_from])
     return ModelFacts(dict(plan.config), frozenset(t.name for t in plan.tensors), tuple(plan.new_parameters),
-                      f"the surgery's output ({method.name})", source=str(plan.sources[plan.carry_from]))
+                      f"the surgery's output ({method.name})", source=source, tokenizer_dir=source)
 
 
 def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
@@ -361,6 +364,27 @@ def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
     if composed and cfg.lora is not None:
         raise ConfigError(f"{where}: {key}.lora: {model.what} is a composed model ({kind}); LoRA would train its "
                           f"members' weights, which live in their own directories. Remove {key}.lora.")
+    _check_markers_in_data(where, key, cfg, model)
+
+
+def _check_markers_in_data(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
+    """Deep fusion trains experts that run only inside marked spans: data without any marker
+    cannot train them (training would stop at its first batch; known now). Chat data is
+    rendered by the template, so its markers are left to that check."""
+    from lmexpand.train.data import text_found
+
+    ids = list(model.config.get("open_ids") or []) if model.config.get("model_type") == "lmexpand_deep_fusion" else []
+    if not ids or not model.tokenizer_dir or any(d.chat for d in cfg.data):
+        return
+    from lmexpand.checkpoint.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model.tokenizer_dir), what=model.what)
+    markers = sorted({tokenizer.decode([i]).strip() for i in ids} - {""})
+    if markers and not any(text_found(d, m) for d in cfg.data for m in markers):
+        raise ConfigError(f"{where}: {key}.data: no document holds a span marker of {model.what} "
+                          f"({', '.join(map(repr, markers[:4]))}), so its experts, which run only inside marked "
+                          "spans, would get no gradient and training would change nothing. Give data with those "
+                          "markers (code fences, formulas), or make the surgery with markers this data has.")
 
 
 def preflight_eval(where: str, ev: "EvalSection", model: ModelFacts) -> None:

@@ -26,7 +26,7 @@ from tests.tiny import build_tiny_model
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
 SURGERIES = ["llama-pro", "upscale", "moe", "calm", "logit-sum", "proxy-tune", "contrastive", "co-llm",
-             "deep-fusion", "deep-fusion-long-marker", "merge"]
+             "deep-fusion", "deep-fusion-long-marker", "deep-fusion-absent-marker", "merge"]
 TRAINS = ["none", "default", "all"]
 EVALS = ["none", "scored", "no-text-field"]
 
@@ -34,9 +34,11 @@ def _expected(surgery: str, train: str, ev: str) -> str | None:
     """What --check must refuse (a word of its message), in the order the stages are checked."""
     if surgery == "deep-fusion-long-marker":
         return "surgery.args.open"  # a marker of several tokens
+    if surgery == "deep-fusion-absent-marker" and train == "default":
+        return "train.data"  # the experts could not train
     if surgery in ("proxy-tune", "contrastive") and train != "none":
         return "nothing to train"
-    if surgery in ("calm", "logit-sum", "co-llm", "deep-fusion") and train == "all":
+    if surgery in ("calm", "logit-sum", "co-llm", "deep-fusion", "deep-fusion-absent-marker") and train == "all":
         return "train.trainable"  # a composition's members stay frozen
     if surgery == "merge" and train == "default":
         return "train.trainable"  # a merge adds no parameter: the default trainable set is empty
@@ -73,6 +75,8 @@ def _recipe(models: dict[str, Path], data: Path, surgery: str, train: str, ev: s
         "co-llm": {"method": "co-llm", "source": [a, b]},
         "deep-fusion": {"method": "deep-fusion", "source": a, "args": {"open": "(", "close": ")"}},
         "deep-fusion-long-marker": {"method": "deep-fusion", "source": a, "args": {"open": "<<fence-open>>"}},
+        # a one-token marker the training data never contains (GSM8K has no "~")
+        "deep-fusion-absent-marker": {"method": "deep-fusion", "source": a, "args": {"open": "~"}},
         "merge": {"method": "merge", "args": {"config": str(models["merge"])}},
     }
     recipe: dict = {"workdir": "work", "surgery": surgeries[surgery]}

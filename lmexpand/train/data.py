@@ -68,19 +68,25 @@ def _where(src: DataSource, index: int) -> str:
 
 def _loss_from_found(src: DataSource) -> bool:
     """Whether any document holds the ``loss_from`` marker (read until the first one does)."""
+    return text_found(src, src.loss_from)
+
+
+def text_found(src: DataSource, needle: str) -> bool:
+    """Whether any document of ``src`` contains ``needle`` (read until the first one does):
+    a --loss-from marker, a deep-fusion span marker."""
     if src.kind == "text":
         with open(src.path, encoding="utf-8", errors="replace") as f:
             tail = ""
             for chunk in iter(lambda: f.read(1 << 20), ""):
-                if src.loss_from in tail + chunk:
+                if needle in tail + chunk:
                     return True
-                tail = chunk[-len(src.loss_from):]
+                tail = chunk[-len(needle):]
         return False
     if src.kind == "jsonl":
         with open(src.path, encoding="utf-8", errors="replace") as f:
             records = (json.loads(line) for line in f if line.strip())
-            return any(src.loss_from in _text_or_none(src, r) for r in _tolerant(records))
-    return any(src.loss_from in _text_or_none(src, r) for _, r in _first_records(src, 1 << 62))
+            return any(needle in _text_or_none(src, r) for r in _tolerant(records))
+    return any(needle in _text_or_none(src, r) for _, r in _first_records(src, 1 << 62))
 
 
 def _tolerant(records: Iterator[Any]) -> Iterator[dict]:
