@@ -98,3 +98,14 @@ def test_leftovers_of_dead_processes_are_removed_by_the_next_writer(tiny_llama, 
     finally:
         live.kill()
         live.wait()
+
+
+def test_full_disk_while_eval_writes_its_report(tiny_llama, tiny_pro, gsm8k_small, tmp_path):
+    """ENOSPC while the plots and results.json are written: exit 2, one paragraph, no file
+    half-written or left behind."""
+    argv, _, output = _commands(tiny_llama, tiny_pro, gsm8k_small, tmp_path)["eval"]
+    env = {**ENV, "LMEXPAND_FAULT": "ENOSPC@0"}
+    r = subprocess.run(CMD + [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "disk filled up" in r.stderr.strip().splitlines()[-1]
+    assert not output.exists() and _partials(tmp_path) == []
