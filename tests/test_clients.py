@@ -1,5 +1,6 @@
 """Exports and surgery outputs read the same by transformers 4.57 and 5.x, and llama.cpp's
-converter turns the dense and Mixtral-style ones into GGUF files that hold the same tensors.
+converter turns the dense exports of every family and Mixtral-style copies into GGUF files that
+hold the same tensors.
 
 transformers 4.57 runs in its own venv (bench/peers/install_transformers4.sh, as CI does);
 the tests skip cleanly without it. llama.cpp's convert_hf_to_gguf.py comes from the
@@ -118,19 +119,13 @@ NEEDS_CONVERTER = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def smol_outputs(tmp_path_factory, smollm2) -> dict[str, Path]:
-    """Tiny models with SmolLM2's real tokenizer: the converter recognizes a tokenizer by the
-    hash of its pre-tokenization, which a tiny test BPE does not have."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("gguf")
-    base = build_tiny_model("llama", root / "base", vocab_size=49152, pad_token_id=2,
-                            rope_parameters={"rope_type": "default", "rope_theta": THETA})
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2 / f, base / f)
+def smol_outputs(gguf_root, smollm2) -> dict[str, Path]:
+    """Tiny MoE copies of a tiny Llama with SmolLM2's real tokenizer: the converter recognizes
+    a tokenizer by the hash of its pre-tokenization, which a tiny test BPE does not have."""
+    root = gguf_root
+    base = _gguf_base(root, "llama", {"rope_parameters": ROPE}, smollm2, None)
     out = {}
-    for name, args in {"llama-pro": ["llama-pro", "--add", "2"], "upscale": ["upscale", "--slices", "0-3,1-4"],
-                       "moe-mixtral": ["moe", "--experts", "4", "--top-k", "2"],
+    for name, args in {"moe-mixtral": ["moe", "--experts", "4", "--top-k", "2"],
                        "moe-fine": ["moe", "--segments", "4", "--shared", "1", "--replicas", "2"]}.items():
         assert main(["-q", "surgery", args[0], str(base), str(root / name), *args[1:]]) == 0
         out[name] = root / name
@@ -145,28 +140,169 @@ def _convert(model: Path, gguf: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(LC / "gguf-py")})
 
 
+ROPE = {"rope_type": "default", "rope_theta": THETA}
+PRO = ["llama-pro", "--add", "2"]
+# One row per family (adding a family adds a row): the tiny model's config overrides, the
+# surgery, and how the GGUF comes back.
+#   ("logits", KEYS): transformers' GGUF reader builds the architecture; KEYS are the config
+#     facts the GGUF does not bring back to it (no GGUF key, or one the reader ignores). With
+#     none, its own model must give our logits; with some, they must differ in its config, and
+#     the GGUF's tensors under its config with just those keys restored must give our logits.
+#   ("tensors", PERMUTED): transformers cannot read the architecture: every tensor, found with
+#     gguf-py's own name map, must equal ours (q/k rows permuted as llama.cpp's LlamaModel
+#     does where PERMUTED), with no tensor missing or added.
+# Gemma-2 and Phi-3's converters read a SentencePiece tokenizer.model (Gemma2Model.set_vocab,
+# Phi3MiniModel.set_vocab): those rows get one trained here (512 pieces); the others get
+# SmolLM2's BPE, which the converter recognizes by its hash.
+GGUF_ROWS = [
+    pytest.param("llama", PRO, {"rope_parameters": ROPE}, ("logits", ()), id="llama-pro"),
+    pytest.param("llama", ["upscale", "--slices", "0-3,1-4"], {"rope_parameters": ROPE}, ("logits", ()),
+                 id="llama-upscale"),
+    # real Gemma 2 has no attention biases (the converter writes them, no key says so); its
+    # converter writes no RoPE theta (llama.cpp's default 10,000 is Gemma 2's): the family's
+    # defaults stand for both (Gemma-3's per-layer-type thetas are written)
+    pytest.param("gemma2", PRO, {"attention_bias": False}, ("logits", ("query_pre_attn_scalar", "layer_types")),
+                 id="gemma2"),
+    pytest.param("gemma3_text", PRO, {},
+                 ("logits", ("query_pre_attn_scalar", "layer_types", "final_logit_softcapping")), id="gemma3_text"),
+    pytest.param("phi3", PRO, {"rope_parameters": ROPE}, ("logits", ()), id="phi3"),
+    # the GGUF holds starcoder2.rope.freq_base; transformers' reader does not read it
+    pytest.param("starcoder2", PRO, {"rope_parameters": ROPE}, ("logits", ("rope_parameters",)), id="starcoder2"),
+    pytest.param("olmo2", PRO, {"rope_parameters": ROPE}, ("tensors", False), id="olmo2"),
+    pytest.param("olmo3", PRO, {}, ("tensors", False), id="olmo3"),
+    pytest.param("granite", PRO, {"rope_parameters": ROPE}, ("tensors", True), id="granite"),
+    pytest.param("smollm3", PRO, {"rope_parameters": ROPE}, ("tensors", True), id="smollm3"),
+]
+SENTENCEPIECE = {"gemma2", "phi3"}
+# GGUF keys (after "ARCH.") that must hold the config value of the same fact, where written
+GGUF_SCALARS = {"block_count": "num_hidden_layers", "attention.scale": "attention_multiplier",
+                "embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                "logit_scale": "logits_scaling", "final_logit_softcapping": "final_logit_softcapping",
+                "attention.sliding_window": "sliding_window"}
+
+
+@pytest.fixture(scope="module")
+def gguf_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf-families")
+
+
+def _gguf_base(root: Path, family: str, overrides: dict, smollm2: Path, spm: Path | None) -> Path:
+    import shutil
+
+    base = root / f"{family}-base"
+    if (base / "config.json").is_file():
+        return base
+    if spm is not None:
+        build_tiny_model(family, base, vocab_size=512, **overrides)
+        for f in [*base.glob("tokenizer*"), base / "special_tokens_map.json"]:
+            f.unlink(missing_ok=True)
+        shutil.copy(spm, base / "tokenizer.model")
+    else:
+        build_tiny_model(family, base, vocab_size=49152, pad_token_id=2, **overrides)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2 / f, base / f)
+    return base
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(gguf_root) -> Path:
+    """A 512-piece SentencePiece BPE trained on the shipped OpenStax sample (the converter's
+    venv has sentencepiece; the project's does not need it)."""
+    prefix = gguf_root / "spm"
+    code = ("import sys, sentencepiece as s; s.SentencePieceTrainer.train(input=sys.argv[1], model_prefix=sys.argv[2], "
+            "vocab_size=512, model_type='bpe', byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, "
+            "character_coverage=1.0, num_threads=1, minloglevel=2)")
+    r = subprocess.run([str(T4), "-c", code, str(ROOT / "recipes" / "data" / "openstax-sample" / "valid.txt"),
+                        str(prefix)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return prefix.with_suffix(".model")
+
+
+def _llama_permute(w, n: int):
+    """llama.cpp's LlamaModel.permute (conversion/llama.py) over n heads: q/k rows reordered
+    for its RoPE."""
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 @NEEDS_CONVERTER
-def test_llama_cpp_converts_dense_outputs_exactly(smol_outputs, tmp_path):
-    """LLaMA-Pro and SOLAR outputs through llama.cpp's convert_hf_to_gguf.py (f32), read back
-    by transformers' GGUF loader: the same logits to the last bit, the same token ids."""
+@pytest.mark.parametrize("family,surgery,overrides,back", GGUF_ROWS)
+def test_llama_cpp_converts_exports_of_every_family(family, surgery, overrides, back, gguf_root, smollm2, request):
+    """A surgery output of each family, exported, through llama.cpp's convert_hf_to_gguf.py
+    (f32): read back by transformers' GGUF loader with the same logits to the last bit where it
+    reads the architecture, else the same tensors by gguf-py's reader."""
+    import copy
+
     import torch
+    from gguf import GGUFReader  # the project's own dependency (the embedded model is a GGUF)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in ("llama-pro", "upscale"):
-        gguf = tmp_path / f"{name}.gguf"
-        r = _convert(smol_outputs[name], gguf)
-        assert r.returncode == 0, r.stderr[-3000:]
-        ours = AutoModelForCausalLM.from_pretrained(smol_outputs[name], dtype=torch.float32).eval()
-        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
-        assert back.config.num_hidden_layers == ours.config.num_hidden_layers, name
-        ids = (torch.arange(40) * 1237 + 11).remainder(49152).unsqueeze(0)
-        with torch.no_grad():
-            delta = (ours(ids).logits - back(ids).logits).abs().max().item()
-        print(f"{name}: GGUF round trip max |d| {delta:.2e}")
-        assert delta == 0.0, (name, delta)
+    spm = request.getfixturevalue("sentencepiece_model") if family in SENTENCEPIECE else None
+    base = _gguf_base(gguf_root, family, overrides, smollm2, spm)
+    row = gguf_root / request.node.callspec.id
+    assert main(["-q", "surgery", surgery[0], str(base), str(row / "surgery"), *surgery[1:]]) == 0
+    assert main(["-q", "export", str(row / "surgery"), str(row / "export")]) == 0
+    export, gguf = row / "export", row / "model.gguf"
+    r = _convert(export, gguf)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    cfg = ours.config
+
+    reader = GGUFReader(gguf)
+    arch = reader.fields["general.architecture"].contents()
+    for key, attr in GGUF_SCALARS.items():
+        if f"{arch}.{key}" in reader.fields:
+            got, want = reader.fields[f"{arch}.{key}"].contents(), getattr(cfg, attr)
+            want = 0 if want is None else want  # Phi-3's converter writes a window of 0 for none
+            assert torch.tensor(got, dtype=torch.float32) == torch.tensor(want, dtype=torch.float32), (key, got, want)
+    if f"{arch}.attention.sliding_window_pattern" in reader.fields:
+        assert reader.fields[f"{arch}.attention.sliding_window_pattern"].contents() == \
+            [t == "sliding_attention" for t in cfg.layer_types]
+
+    kind, detail = back
+    if kind == "tensors":
+        import gguf as gg
+        from safetensors.torch import load_file
+
+        names = gg.get_tensor_name_map(next(a for a, n in gg.MODEL_ARCH_NAMES.items() if n == arch),
+                                       cfg.num_hidden_layers)
+        theirs = {t.name: t for t in reader.tensors}
+        mapped = set()
+        for name, tensor in load_file(export / "model.safetensors").items():
+            gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            assert gname in theirs, (name, gname)
+            mapped.add(gname)
+            if detail and ".q_proj." in name:
+                tensor = _llama_permute(tensor, cfg.num_attention_heads)
+            elif detail and ".k_proj." in name:
+                tensor = _llama_permute(tensor, cfg.num_key_value_heads)
+            got = torch.from_numpy(theirs[gname].data.copy())
+            assert got.shape == tensor.shape and torch.equal(got, tensor), (name, gname)
+        assert mapped == set(theirs), sorted(set(theirs) ^ mapped)
+        print(f"{request.node.callspec.id}: GGUF ({arch}) holds all {len(mapped)} tensors bitwise; "
+              f"transformers does not read {arch} GGUF files")
+        return
+
+    back_model = AutoModelForCausalLM.from_pretrained(row, gguf_file=gguf.name, dtype=torch.float32).eval()
+    assert back_model.config.num_hidden_layers == cfg.num_hidden_layers
+    lost = [k for k in detail if getattr(back_model.config, k) != getattr(cfg, k)]
+    assert lost == list(detail), f"the GGUF now brings back {set(detail) - set(lost)}: update the row and docs"
+    if detail:  # the same GGUF tensors, under the reader's config with those facts restored
+        restored = copy.deepcopy(back_model.config)
+        del restored.quantization_config
+        for k in detail:
+            setattr(restored, k, getattr(cfg, k))
+        back_model = AutoModelForCausalLM.from_pretrained(row, gguf_file=gguf.name, config=restored,
+                                                          dtype=torch.float32).eval()
+    ids = (torch.arange(40) * 1237 + 11).remainder(cfg.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        delta = (ours(ids).logits - back_model(ids).logits).abs().max().item()
+    print(f"{request.node.callspec.id}: GGUF ({arch}) round trip max |d| {delta:.2e}"
+          + (f" with {', '.join(detail)} restored" if detail else ""))
+    assert delta == 0.0, delta
+    if family == "llama":
         text = TEXT + " <|im_start|>user\nhi<|im_end|>"
-        assert AutoTokenizer.from_pretrained(smol_outputs[name])(text)["input_ids"] == \
-            AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)(text)["input_ids"], name
+        assert AutoTokenizer.from_pretrained(export)(text)["input_ids"] == \
+            AutoTokenizer.from_pretrained(row, gguf_file=gguf.name)(text)["input_ids"]
 
 
 @NEEDS_CONVERTER
