@@ -201,9 +201,12 @@ def family_keys(b: dict) -> dict[str, str]:
     return keys
 
 
-def stage_key(stage: Stage, b: dict, keys: dict[str, str]) -> str:
-    """The models' keys, the script's content and the arguments with model directories
-    replaced by their keys (so the key does not depend on where the cache is)."""
+def stage_key(stage: Stage, b: dict, keys: dict[str, str]) -> tuple[str, str]:
+    """(key, directory key). The directory key: the models' keys and the arguments with model
+    directories replaced by their keys (so it does not depend on where the cache is). The key
+    adds the scripts' content: a changed script reruns its stage in the same directory, where
+    the script's own caches (rows, evaluations, training runs, keyed by what they compute)
+    keep what still holds, rather than starting over in a new one."""
     if stage.name.startswith("family"):
         needs = FAMILY if stage.name == "family-table" else [stage.name.split(":", 1)[1]]
         models = {n: keys[n] for n in needs}
@@ -213,12 +216,16 @@ def stage_key(stage: Stage, b: dict, keys: dict[str, str]) -> str:
     script = (ROOT / "bench" / stage.script).read_bytes()
     extra = [(ROOT / "bench" / f).read_bytes() for f in ("miniature.py", "_common.py")
              if stage.script != f and (ROOT / "bench" / f).is_file()]
-    parts = [stage.name, models, _sha(script), [_sha(x) for x in extra], args]
     if stage.name.startswith("family"):  # the builder keys its own models; the table adds its eval settings
         parts = [stage.name, models, b["eval_tokens"], b["seq"]]
         if stage.name == "family-table":  # what it writes is this script's doing
-            parts += [_sha(script), args[:4]]
-    return _sha(json.dumps(parts, sort_keys=True, default=str).encode())[:12]
+            parts += [args[:4]]
+        scripts = [_sha(script)] if stage.name == "family-table" else []
+    else:
+        parts = [stage.name, models, args]
+        scripts = [_sha(script), *[_sha(x) for x in extra]]
+    dir_key = _sha(json.dumps(parts, sort_keys=True, default=str).encode())[:12]
+    return _sha(json.dumps([dir_key, scripts]).encode())[:12], dir_key
 
 
 # --------------------------------------------------------------------------------- throughput
@@ -308,11 +315,11 @@ def _fmt(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
 
 
-def print_plan(plan: list[tuple[Stage, str, float, bool]], tps: float, source: str) -> None:
+def print_plan(plan: list[tuple[Stage, str, str, float, bool]], tps: float, source: str) -> None:
     print(f"results: {tps:.0f} training tokens/s (measured: {source})")
     print(f"{'stage':<20} {'key':<13} {'estimate':>9}  state")
     total = 0.0
-    for stage, key, est, done in plan:
+    for stage, key, _, est, done in plan:
         print(f"{stage.name:<20} {key:<13} {_fmt(est):>9}  {'cached' if done else 'to run'}")
         total += 0 if done else est
     print(f"{'left to run':<20} {'':<13} {_fmt(total):>9}", flush=True)
@@ -354,21 +361,21 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     for s in STAGES:
         if s.name in wanted:
-            key = stage_key(s, b, keys)
+            key, dir_key = stage_key(s, b, keys)
             marker = out / "done" / f"{s.name.replace(':', '-')}.json"
             done = marker.is_file() and json.loads(marker.read_text()).get("key") == key
-            plan.append((s, key, estimate(s, b, tps), done))
+            plan.append((s, key, dir_key, estimate(s, b, tps), done))
     print_plan(plan, tps, source)
     if a.plan:
         return 0
-    left = sum(e for _, _, e, d in plan if not d)
+    left = sum(e for _, _, _, e, d in plan if not d)
     t_all = time.perf_counter()
-    for i, (stage, key, est, done) in enumerate(plan, 1):
+    for i, (stage, key, dir_key, est, done) in enumerate(plan, 1):
         label = f"[{i}/{len(plan)} {stage.name}]"
         if done:
             print(f"{label} cached", flush=True)
             continue
-        stage_out = out / f"{stage.name.replace(':', '-')}-{key}"
+        stage_out = out / f"{stage.name.replace(':', '-')}-{dir_key}"
         stage_out.mkdir(parents=True, exist_ok=True)
         models = {n: _model_dir(n, keys) for n in stage.needs}
         cmd = [sys.executable, str(ROOT / "bench" / stage.script), *stage.args(b, models, stage_out)]

@@ -99,7 +99,13 @@ def merging(d: Path, rec: dict) -> tuple[str, dict]:
                      f"{_t(row.get('merge_seconds')) if 'merge_seconds' in row else '—'} |")
     soup = rows.get("greedy_soup", {}).get("soup")
     if soup:
-        lines += ["", f"Greedy soup record: `{json.dumps(soup)[:600]}`"]
+        def short(path: str) -> str:  # a reference model's directory is NAME-KEY
+            return Path(path).name.rsplit("-", 1)[0]
+
+        alone = ", ".join(f"{short(k)} {v:.3f}" for k, v in soup.get("candidates_alone", {}).items())
+        lines += ["", f"Greedy soup: candidates alone on the soup set {alone}; kept "
+                      f"{', '.join(short(k) for k in soup.get('kept', []))} (soup perplexity "
+                      f"{soup.get('soup_perplexity', float('nan')):.3f})."]
     v = r.get("verdict", {})
     lines += ["", "Rule: some merge keeps ≥ 80 % of both specialists' gains (gain kept = (healed − merged) / "
                   "(healed − specialist) on the specialist's own set).",
