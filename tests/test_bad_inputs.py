@@ -787,9 +787,14 @@ CASES: list[Case] = [
          lambda c: ["merge", _merge(c, "m-zero", {"merge_method": "linear", "models": [
              {"model": str(c.tiny), "parameters": {"weight": 1}},
              {"model": str(c.model_copy("m-a")), "parameters": {"weight": -1}}]}), c.out], ("sum to 0",)),
-    Case("merge-union-tokenizer", "tokenizer_source: union",
-         lambda c: ["merge", _merge(c, "m-union", {"merge_method": "linear", "tokenizer_source": "union", "models": [
-             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out], ("union",)),
+    Case("merge-token-source", "a tokenizer.tokens source that is not a merged model",
+         lambda c: ["merge", _merge(c, "m-union", {"merge_method": "linear", "tokenizer": {"source": "union", "tokens": {
+             "<tool>": {"source": "other-model"}}}, "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out], ("not one of the merged models",)),
+    Case("merge-token-force", "tokenizer.tokens force: true without a source",
+         lambda c: ["merge", _merge(c, "m-force", {"merge_method": "linear", "tokenizer": {"tokens": {
+             "<tool>": {"force": True}}}, "models": [
+             {"model": str(c.tiny), "parameters": {"weight": 1}}]}), c.out], ("give source",)),
     Case("merge-out-is-input", "a merge written into one of its inputs",
          lambda c: ["merge", _merge(c, "m-into", {"merge_method": "linear", "models": [
              {"model": str(c.model_copy("m-into-a")), "parameters": {"weight": 1}}]}), c.model_copy("m-into-a"),

@@ -281,6 +281,150 @@ def _write(tmp: Path, cfg: dict, name: str = "merge.yaml") -> Path:
     return p
 
 
+def _vocab_variants(root: Path, m: dict[str, Path]) -> dict[str, Path]:
+    """Two fine-tunes whose vocabularies differ from the base's: ``chat`` (from a) adds two
+    special tokens, ``tool`` (from b) two plain ones; their new embedding and head rows are
+    seeded noise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for name, src, add, special in (("chat", m["a"], ["<|im_start|>", "<|im_end|>"], True),
+                                    ("tool", m["b"], ["photosynthesis", "<tool>"], False)):
+        path = src.parent / f"{src.name}-{name}"
+        out[name] = path
+        if path.exists():
+            continue
+        tok = AutoTokenizer.from_pretrained(src)
+        if special:
+            tok.add_special_tokens({"additional_special_tokens": add})
+        else:
+            tok.add_tokens(add)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        g = torch.Generator().manual_seed(17)
+        with torch.no_grad():
+            for w in {id(x): x for x in (model.get_input_embeddings().weight,
+                                         model.get_output_embeddings().weight)}.values():
+                w[old:] = (0.05 * torch.randn(w[old:].shape, generator=g)).to(w.dtype)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return out
+
+
+def _assert_rows_equal_by_token(ours: Path, theirs: Path, what: str) -> None:
+    """Both outputs have one vocabulary (as sets of tokens); every tensor is bitwise equal,
+    the vocabulary tensors row by row matched by token string (mergekit numbers the tokens it
+    adds in an order that changes from run to run), padding rows by position (bitwise when
+    both number the tokens alike; else to rounding, as their mean sums rows in another order)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    vo = AutoTokenizer.from_pretrained(ours).get_vocab()
+    vt = AutoTokenizer.from_pretrained(theirs).get_vocab()
+    assert set(vo) == set(vt), f"{what}: vocabularies differ: {sorted(set(vo) ^ set(vt))[:5]}"
+    co, ct = (json.loads((p / "config.json").read_text()) for p in (ours, theirs))
+    assert co["vocab_size"] == ct["vocab_size"], f"{what}: vocab_size {co['vocab_size']} vs {ct['vocab_size']}"
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b), f"{what}: tensor names differ: {sorted(set(a) ^ set(b))[:4]}"
+    n, rows = len(vo), 0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what}: {k} dtype/shape"
+        if "embed_tokens" in k or k == "lm_head.weight":
+            order_o = torch.tensor([vo[t] for t in sorted(vo)])
+            order_t = torch.tensor([vt[t] for t in sorted(vo)])
+            assert torch.equal(_bits(a[k][order_o]), _bits(b[k][order_t])), f"{what}: {k}: a token's row differs"
+            if vo == vt:  # same numbering: the padding rows (a mean over the rows) are bitwise too
+                assert torch.equal(_bits(a[k][n:]), _bits(b[k][n:])), f"{what}: {k}: padding rows differ"
+            else:  # the mean sums the rows in another order
+                torch.testing.assert_close(a[k][n:], b[k][n:], rtol=1e-2 if a[k].dtype == torch.bfloat16 else 1e-5,
+                                           atol=1e-6, msg=f"{what}: {k}: padding rows differ")
+            rows += a[k].shape[0]
+        else:
+            assert torch.equal(_bits(a[k]), _bits(b[k])), f"{what}: {k} differs from mergekit"
+    print(f"{what}: {len(a)} tensors bitwise equal to mergekit ({rows} vocabulary rows matched by token; "
+          f"{n} tokens, vocab_size {co['vocab_size']})")
+
+
+@NEEDS_MERGEKIT
+@pytest.mark.parametrize("family,dtype", [("llama", "bfloat16"), ("llama-tied", "float32")])
+def test_vocabulary_union_equals_mergekit(merge_root, tmp_path, family, dtype):
+    """tokenizer_source union / base / a model and the tokenizer: section (per-token sources,
+    padding) over fine-tunes with different added tokens: mergekit's rows, token by token."""
+    m = _variants(merge_root, family, dtype)
+    v = _vocab_variants(merge_root, m)
+    base, chat, tool = str(m["base"]), str(v["chat"]), str(v["tool"])
+    configs = {
+        "union-linear": {"merge_method": "linear", "tokenizer_source": "union", "models": [
+            {"model": chat, "parameters": {"weight": 0.6}}, {"model": tool, "parameters": {"weight": 0.4}}]},
+        "union-tokens": {"merge_method": "task_arithmetic", "base_model": base, "models": [
+            {"model": chat, "parameters": {"weight": 0.7}}, {"model": tool, "parameters": {"weight": 0.5}}],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                "<|im_start|>": {"source": {"kind": "model_token", "model": tool, "token": "</s>"}, "force": True},
+                "<|im_end|>": {"source": base},
+                "<new>": {"source": {"kind": "zero"}}}}},
+        "base-source": {"merge_method": "task_arithmetic", "base_model": base, "tokenizer_source": "base",
+                        "models": [{"model": chat, "parameters": {"weight": 0.5}},
+                                   {"model": tool, "parameters": {"weight": 0.5}}]},
+        "model-source": {"merge_method": "slerp", "base_model": base, "tokenizer_source": chat,
+                         "parameters": {"t": 0.3}, "models": [{"model": base}, {"model": chat}]},
+    }
+    configs["union-tokens"]["tokenizer"]["tokens"]["<|im_end|>"] = {"source": chat}  # base lacks it
+    jobs = []
+    for name, cfg in configs.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        jobs.append([str(path), str(tmp_path / f"mk-{name}"), None])
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"),
+                          str(tmp_path / "jobs.json")], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for config, mk_out, _ in jobs:
+        name = Path(config).stem
+        ours = tmp_path / f"lx-{name}"
+        assert main(["merge", config, str(ours), "--threads", "2"]) == 0, name
+        _assert_rows_equal_by_token(ours, Path(mk_out), f"{family}/{dtype}/{name}")
+
+
+def test_vocabulary_union_output_loads_and_keeps_each_models_tokens(merge_root, tmp_path):
+    """Without a peer: the union output loads in transformers with every model's tokens; a
+    token only one model has keeps that model's rows exactly (passthrough of the tokens it
+    owns); identical tokenizers under tokenizer_source: base give the bytes of a plain merge."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = _variants(merge_root, "llama", "float32")
+    v = _vocab_variants(merge_root, m)
+    chat, tool = str(v["chat"]), str(v["tool"])
+    cfg = {"merge_method": "linear", "tokenizer_source": "union", "models": [
+        {"model": chat, "parameters": {"weight": 0.5}}, {"model": tool, "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "union"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    vocab = tok.get_vocab()
+    for t in ("<|im_start|>", "<|im_end|>", "photosynthesis", "<tool>"):
+        assert t in vocab, t
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().weight.shape[0] == len(vocab) == model.config.vocab_size
+    merged = _tensors(out)["model.embed_tokens.weight"]
+    for path, t in ((chat, "<|im_start|>"), (tool, "photosynthesis")):
+        src_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+        src = _tensors(Path(path))["model.embed_tokens.weight"]
+        # both inputs take the one owner's row; 0.5*x + 0.5*x == x exactly
+        assert torch.equal(merged[vocab[t]], src[src_vocab[t]]), t
+    ids = tok("photosynthesis <|im_start|>", return_tensors="pt").input_ids
+    assert bool(torch.isfinite(model(ids).logits).all())
+
+    plain = {"merge_method": "linear", "models": [{"model": str(m["a"]), "parameters": {"weight": 0.5}},
+                                                  {"model": str(m["b"]), "parameters": {"weight": 0.5}}]}
+    based = dict(plain, base_model=str(m["a"]), tokenizer_source="base")
+    assert main(["merge", str(_write(tmp_path, plain, "plain.yaml")), str(tmp_path / "plain")]) == 0
+    assert main(["merge", str(_write(tmp_path, based, "based.yaml")), str(tmp_path / "based")]) == 0
+    for k, t in _tensors(tmp_path / "plain").items():
+        assert torch.equal(_bits(t), _bits(_tensors(tmp_path / "based")[k])), k
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_self_merge_returns_the_model(merge_root, tmp_path, dtype):
     """A model merged with (a copy of) itself, weights summing to 1, is returned bitwise by
@@ -487,8 +631,10 @@ def _bad_cases(m: dict[str, Path], tmp: Path) -> dict[str, tuple[dict, str]]:
         "weights sum to zero": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
                                                                       {"model": b, "parameters": {"weight": -1}}]},
                                 "sum to 0"),
-        "union tokenizer": ({"merge_method": "linear", "tokenizer_source": "union",
-                             "models": [{"model": a, "parameters": {"weight": 1}}]}, "union"),
+        "token source": ({"merge_method": "linear", "tokenizer": {"tokens": {"<t>": {"source": base}}},
+                          "models": [{"model": a, "parameters": {"weight": 1}}]}, "not one of the merged models"),
+        "both sources": ({"merge_method": "linear", "tokenizer_source": "base", "tokenizer": {"source": "union"},
+                          "models": [{"model": a, "parameters": {"weight": 1}}]}, "disagree"),
         "missing model": ({"merge_method": "linear", "models": [{"model": str(tmp / "nope"),
                                                                  "parameters": {"weight": 1}}]}, "no such file"),
         "hub id": ({"merge_method": "linear", "models": [{"model": "org/some-model", "parameters": {"weight": 1}}]},

@@ -94,7 +94,8 @@ def execute(
     _check_referenced_members(plan, readers)
 
     pool = _Prefetch(outputs, threads) if threads > 1 else None
-    files: dict[str, bytes | Path] = {p.name: p for p in readers[plan.carry_from].carry_files()}
+    files: dict[str, bytes | Path] = {p.name: p for p in readers[plan.carry_from].carry_files()
+                                      if plan.carry_tokenizer or p.name == "generation_config.json"}
     files.update(plan.files)
     from lmexpand.checkpoint.tokenizer import TOKENIZER_FILES
 

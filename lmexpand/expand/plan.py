@@ -252,6 +252,8 @@ class Plan:
     # the source whose tokenizer files are carried (an index into the readers).
     files: dict[str, bytes] = field(default_factory=dict, repr=False)
     carry_from: int = 0
+    # False: ``files`` holds the output's own tokenizer; only generation_config.json is carried
+    carry_tokenizer: bool = True
 
     @property
     def total_bytes(self) -> int:

@@ -22,7 +22,7 @@ typo such as ``densty`` silently merges with the default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -107,6 +107,67 @@ class OutputSlice(BaseModel):
         return v
 
 
+class TokenSource(BaseModel):
+    """``{kind: model_token, model, token_id | token}`` (a given row of a model) or
+    ``{kind: zero}`` (mergekit's ``ModelTokenEmbedding`` / ``ZeroEmbedding``)."""
+
+    model_config = _SCHEMA
+    kind: Literal["model_token", "zero"]
+    model: Optional[str] = None
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenSource":
+        if self.kind == "zero":
+            if self.model is not None or self.token_id is not None or self.token is not None:
+                raise ValueError("{kind: zero} takes no model, token or token_id")
+            return self
+        if self.model is None:
+            raise ValueError("{kind: model_token} needs model: (whose row to take)")
+        object.__setattr__(self, "model", _model_ref(self.model))
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("{kind: model_token} takes exactly one of token_id: or token:")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """One entry of ``tokenizer.tokens``: where the token's embedding row comes from, and
+    whether it replaces the row every model already has (``force``)."""
+
+    model_config = _SCHEMA
+    source: Union[TokenSource, str, None] = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _src(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            return _model_ref(v)
+        return _model_ref(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _forced(self) -> "TokenEmbedding":
+        if self.force and self.source is None:
+            raise ValueError("force: true replaces every model's row by the one source: names; give source:")
+        return self
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output vocabulary's source, per-token embedding
+    sources (their tokens are added when missing), and padding of the vocabulary rows."""
+
+    model_config = _SCHEMA
+    source: str = "union"
+    tokens: Optional[dict[str, TokenEmbedding]] = None
+    pad_to_multiple_of: Optional[int] = Field(None, ge=1)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _src(cls, v: Any) -> Any:
+        return v if v in ("union", "base") else _model_ref(v)
+
+
 class MergeFile(BaseModel):
     """A mergekit YAML file (``mergekit-yaml`` schema)."""
 
@@ -120,7 +181,7 @@ class MergeFile(BaseModel):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
-    tokenizer: Optional[dict[str, Any]] = None
+    tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[str] = None
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: v if v is None else _model_ref(v)))
@@ -134,12 +195,10 @@ class MergeFile(BaseModel):
         if self.modules:
             raise ValueError("modules: (multi-module architectures) is not supported; lmexpand merges decoder-only "
                              "language models: use models: or slices:")
-        if self.tokenizer is not None:
-            raise ValueError("tokenizer: (building a merged vocabulary) is not supported; all inputs must share one "
-                             "vocabulary. Use tokenizer_source: base (or a model) to pick whose tokenizer is copied")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union (a merged vocabulary) is not supported; all inputs must share "
-                             "one vocabulary. Use tokenizer_source: base, or the path of one input model")
+        if self.tokenizer is not None and self.tokenizer_source is not None \
+                and self.tokenizer_source != self.tokenizer.source:
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source} and tokenizer.source: "
+                             f"{self.tokenizer.source} disagree (mergekit would silently use the second); give one")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:

@@ -35,8 +35,8 @@ def _template_of(reader) -> Optional[str]:
 def add_files(plan: Plan, resolved, where: str) -> None:
     file = resolved.file
     refs = resolved.models
-    source = file.tokenizer_source
-    if source in (None, "base"):
+    source = file.tokenizer.source if file.tokenizer is not None else file.tokenizer_source
+    if source in (None, "base", "union"):
         if source == "base" and resolved.base is None:
             raise ConfigError(f"{where}: tokenizer_source: base needs base_model; name the model whose tokenizer "
                               "to copy instead.")
@@ -59,8 +59,9 @@ def add_files(plan: Plan, resolved, where: str) -> None:
         if template:
             plan.files["chat_template.jinja"] = (template + "\n").encode()
             cfg = resolved.readers[plan.carry_from].path / "tokenizer_config.json"
-            if cfg.is_file():
-                doc = json.loads(cfg.read_text(encoding="utf-8"))
+            own = plan.files.get("tokenizer_config.json")  # a built vocabulary's own tokenizer
+            if own is not None or (plan.carry_tokenizer and cfg.is_file()):
+                doc = json.loads(own if own is not None else cfg.read_text(encoding="utf-8"))
                 if "chat_template" in doc:
                     doc["chat_template"] = template
                     plan.files["tokenizer_config.json"] = (json.dumps(doc, indent=2) + "\n").encode()

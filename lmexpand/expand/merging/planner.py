@@ -19,6 +19,7 @@ from lmexpand.errors import ConfigError, SourceError
 from lmexpand.expand.merging.config import DTYPES, MergeFile, resolve
 from lmexpand.expand.merging.methods import METHODS, Inputs, MergeMethod, method_names
 from lmexpand.expand.merging.methods.registry import MethodError
+from lmexpand.expand.merging.vocabulary import Vocabulary, build as build_vocabulary, source_of, wanted as builds_vocabulary
 from lmexpand.expand.plan import Plan, Read, TensorPlan, _torch_dtype, remap_layers
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ class MergeTensor:
     stream: Optional[RandomStream] = field(default=None, compare=False, repr=False)
     match_mergekit: bool = False  # mergekit's argsort for magnitude trimming (its bytes at threshold ties)
     device: str = "cpu"  # where the arithmetic runs; inputs are read on the CPU and the result returns there
+    # a vocabulary tensor of models whose vocabularies differ: inputs aligned to the output
+    # vocabulary first (:mod:`.vocabulary`); vocab_base: the slice's base model index
+    vocab: Optional["Vocabulary"] = field(default=None, compare=False, repr=False)
+    vocab_base: Optional[int] = None
 
     def _compute(self, get, shape, dtype) -> "torch.Tensor":
         import torch
@@ -88,6 +93,8 @@ class MergeTensor:
                 self.stream.release(self.turn)
             return tensors[0]
         tensors = [t.to(device=self.device, dtype=work) for t in tensors]
+        if self.vocab is not None:
+            tensors = self.vocab.align(tensors, [r.model for r in self.inputs], self.vocab_base)
         draw = None
         if self.stream is not None:
             draw = lambda fn: self.stream.draw(self.turn, fn)  # noqa: E731
@@ -199,7 +206,7 @@ def _tokenizer_problems(r: Resolved) -> list[str]:
     named is their choice of vocabulary, left to them."""
     from lmexpand.checkpoint.tokenizer import has_tokenizer, load_tokenizer
 
-    if r.file.tokenizer_source is not None or len({reader.config.get("vocab_size") for reader in r.readers}) > 1:
+    if builds_vocabulary(r.file) or len({reader.config.get("vocab_size") for reader in r.readers}) > 1:
         return []  # (vocabularies of different sizes are named as such by the shape check)
     with_tokenizer = [(ref, reader.path) for ref, reader in zip(r.models, r.readers) if has_tokenizer(reader.path)]
     if len(with_tokenizer) < 2:
@@ -296,7 +303,8 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(dict.fromkeys(problems)) + ".")
 
-    tensors, param_problems, layer_map = _plan_tensors(r, method, where)
+    vocab = build_vocabulary(r, where) if builds_vocabulary(file) else None
+    tensors, param_problems, layer_map = _plan_tensors(r, method, where, vocab)
     if param_problems:
         raise ConfigError(f"{where}: " + "; ".join(param_problems) + ".")
     names = sorted(tensors)
@@ -319,6 +327,8 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
     fam = donor.family
     config = remap_layers(donor.config, fam.num_layers_key, fam.per_layer_keys, layer_map) \
         if layer_map != list(range(donor.num_layers)) else dict(donor.config)
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
     out_dtype = file.out_dtype or file.dtype
     if out_dtype:
         config["torch_dtype"] = config["dtype"] = torch_dtype_name(DTYPES[out_dtype])
@@ -328,7 +338,7 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
         notes.append(f"some inputs have their own {fam.lm_head}: the output has a merged head, so it is untied "
                      "(tie_word_embeddings: false)")
     resolved_cfg = file.model_dump(mode="json", exclude_none=True)
-    return Plan(
+    plan = Plan(
         method="merge",
         arguments={"merge_method": method.name, "seed": seed if method.random else None,
                    "match_mergekit": match_mergekit, "device": device},
@@ -344,6 +354,12 @@ def plan_merge(r: Resolved, where: str, *, seed: Optional[int] = None, source_te
                                  "random_draws": random_turns, "config_text": source_text}},
         readers=r.readers,
     )
+    if vocab is not None:  # the built tokenizer replaces the carried one
+        plan.files.update(dict(vocab.files))
+        plan.carry_tokenizer = False
+        plan.notes.append(f"vocabulary: {len(vocab.tokens):,} tokens ({source_of(file)})"
+                          + (f", {vocab.size:,} rows" if vocab.size != len(vocab.tokens) else ""))
+    return plan
 
 
 def _layer_sources(r: Resolved) -> list[tuple[int, int]]:
@@ -354,7 +370,7 @@ def _layer_sources(r: Resolved) -> list[tuple[int, int]]:
     return out
 
 
-def _plan_tensors(r: Resolved, method: MergeMethod, where: str):
+def _plan_tensors(r: Resolved, method: MergeMethod, where: str, vocab: Optional[Vocabulary] = None):
     """name -> (op, dtype, shape) for every output tensor, and the parameter problems."""
     file = r.file
     problems: dict[str, str] = {}
@@ -377,14 +393,15 @@ def _plan_tensors(r: Resolved, method: MergeMethod, where: str):
                 return
             reads.append((m, name))
         infos = [r.readers[m].info(n) for m, n in reads]
-        shapes = {i.shape for i in infos}
+        aligned = vocab is not None and out_name in (fam.embed, fam.lm_head)
+        shapes = {i.shape[1:] if aligned else i.shape for i in infos}
         if len(shapes) > 1:
             a, b = infos[0], next(i for i in infos if i.shape != infos[0].shape)
             ma, mb = r.models[reads[0][0]], r.models[reads[infos.index(b)][0]]
             if out_name in (fam.embed, fam.lm_head):
                 problems.setdefault("vocab", f"the vocabularies differ: {out_name} is {list(a.shape)} in {ma} and "
-                                    f"{list(b.shape)} in {mb}. lmexpand merges models that share one tokenizer; "
-                                    "mergekit's vocabulary union is not supported")
+                                    f"{list(b.shape)} in {mb}. Give tokenizer_source: union (or base, or one model) to "
+                                    "merge over one output vocabulary, each model's rows matched by token")
             else:
                 problems.setdefault("shape", f"{out_name}: {list(a.shape)} in {ma} but {list(b.shape)} in {mb}; "
                                     "the models differ in size (merge models of one architecture and size)")
@@ -431,11 +448,17 @@ def _plan_tensors(r: Resolved, method: MergeMethod, where: str):
         work = work_fixed or _promote(dtypes)
         dtype = out_fixed or (_promote([work, method.result_at_least]) if method.result_at_least else work)
         shape = infos[0].shape
-        if method.name == "passthrough" and dict(per_model)["scale"][0] is None and dtypes[0] == dtype:
+        realign = aligned and not vocab.is_identity_for([m for m, _ in layout],
+                                                        [r.readers[m].info(n).shape[0] for m, n in layout])
+        if realign:
+            shape = (vocab.size, *shape[1:])
+        if method.name == "passthrough" and dict(per_model)["scale"][0] is None and dtypes[0] == dtype \
+                and not realign:
             op: Any = Read(layout[0][1], layout[0][0])
         else:
             op = MergeTensor(method.name, tuple(Read(n, m) for m, n in layout), base_index, tuple(shared),
-                             tuple(per_model), work)
+                             tuple(per_model), work, vocab=vocab if realign else None,
+                             vocab_base=slice_["base"] if realign else None)
         out[out_name] = (op, dtype, shape)
 
     layer_map: list[int] = []
