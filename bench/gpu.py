@@ -19,6 +19,10 @@ What it runs (each training variant its own process, so each peak is its own):
                 (experts and routers of the upcycled layers)
   moe-fine      ``surgery moe --segments 4 --shared 1 --replicas 2`` on the last half of the
                 layers (fine-grained + shared experts, Glm4-MoE class), then ``lmexpand train``
+  merge         two fine-tune-like copies of the base (+ N(0, 0.001^2)), merged with TIES
+                (density 0.5) and linear by ``lmexpand merge --device cuda`` and ``--device
+                cpu`` (the same machine's cores), and by ``mergekit-yaml --cuda`` when
+                bench/.peers/mergekit is there (issue 35); wall time and bytes/s per run
 
 Figures per training variant: tokens/s (median step after the first two), MFU = achieved
 model FLOPs / the GPU's peak bf16 dense FLOPs, and peak memory (CUDA: the process's
@@ -92,6 +96,72 @@ def build_base(path: Path, shape: dict, vocab_source: Path) -> Path:
     files.update({f: vocab_source / f for f in TOKENIZER_FILES if (vocab_source / f).is_file()})
     write_checkpoint(path, outs, files=files, max_shard_size=int(1e9))
     return path
+
+
+def merge_rows(base: Path, work: Path, tiny: bool) -> dict:
+    """TIES and linear over two noisy copies of ``base``: lmexpand on the GPU and on the CPU
+    cores, and mergekit --cuda when installed (the --tiny check runs the GPU row on the CPU)."""
+    import torch
+    from safetensors import safe_open
+
+    from lmexpand.checkpoint import Computed, OutputTensor, TensorSlot, write_checkpoint
+
+    names = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            names.update({n: shard for n in f.keys()})
+    models = []
+    for i in (1, 2):
+        path = work / f"merge-ft{i}"
+        models.append(path)
+        if (path / "config.json").is_file():
+            continue
+
+        def noisy(n: str, i: int = i):
+            def fn():
+                with safe_open(str(names[n]), "pt") as f:
+                    t = f.get_tensor(n)
+                g = torch.Generator().manual_seed(1000 * i + len(n))
+                return (t.float() + torch.randn(t.shape, generator=g) * 0.001).to(t.dtype)
+            return fn
+
+        slots = []
+        for n, shard in names.items():
+            with safe_open(str(shard), "pt") as f:
+                sl = f.get_slice(n)
+                slots.append(OutputTensor(TensorSlot(n, sl.get_dtype(), tuple(sl.get_shape())), Computed(noisy(n))))
+        files = {f.name: f for f in base.iterdir() if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"
+                 and f.is_file() and f.name != "lmexpand.json"}
+        write_checkpoint(path, slots, files=files, max_shard_size=int(1e9))
+    import yaml
+
+    two = [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]
+    cfgs = {"ties": {"merge_method": "ties", "base_model": str(base), "models": two},
+            "linear": {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}}
+                                                             for m in models]}}
+    gpu = "cpu" if tiny else "cuda"
+    mergekit = ROOT / "bench" / ".peers" / "mergekit" / "bin" / "mergekit-yaml"
+    out: dict = {}
+    for method, cfg in cfgs.items():
+        path = work / f"merge-{method}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        runs = {"lmexpand --device " + ("cpu (the GPU row's code)" if tiny else gpu): [PY, "-m", "lmexpand", "-q", "merge", str(path), str(work / "merged"),
+                                             "--force", "--device", gpu, "--seed", "0"],
+                "lmexpand --device cpu": [PY, "-m", "lmexpand", "-q", "merge", str(path), str(work / "merged"),
+                                          "--force", "--device", "cpu", "--seed", "0"]}
+        if mergekit.exists():
+            runs["mergekit-yaml" + ("" if tiny else " --cuda")] = [
+                str(mergekit), str(path), str(work / "merged"), "--random-seed", "0", "--no-copy-tokenizer",
+                "--quiet"] + ([] if tiny else ["--cuda"])
+        for label, cmd in runs.items():
+            shutil.rmtree(work / "merged", ignore_errors=True)
+            seconds = run(cmd)
+            written = dir_bytes(work / "merged")
+            out[f"{method}: {label}"] = {"seconds": round(seconds, 2), "bytes": written,
+                                         "gb_per_s": round(written / seconds / 1e9, 2)}
+            print(f"  merge {method}: {label}: {seconds:.2f} s", flush=True)
+    shutil.rmtree(work / "merged", ignore_errors=True)
+    return out
 
 
 def run(cmd: list[str], env: dict | None = None) -> float:
@@ -189,7 +259,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 dense TFLOPS")
-    ap.add_argument("--only", default=None, help="comma-separated variants (ours,full-ft,hf-trainer,moe-mixtral,moe-fine)")
+    ap.add_argument("--only", default=None, help="comma-separated variants (ours,full-ft,hf-trainer,moe-mixtral,moe-fine,merge)")
     args = ap.parse_args()
     import torch
 
@@ -223,6 +293,8 @@ def main() -> int:
     report["surgery"]["llama-pro"] = surgery(["llama-pro", str(base), "--add", str(add)], pro)
     print(f"surgery: {report['surgery']}", flush=True)
 
+    if not only or "merge" in only:
+        report["merge"] = merge_rows(base, work, args.tiny)
     cfg = json.loads((pro / "config.json").read_text())
     variants = [("ours", pro, "new", ()), ("full-ft", pro, "all", ("--trainable", "all")),
                 ("hf-trainer", pro, "new", ())]
@@ -280,6 +352,10 @@ def markdown(r: dict, cfg: dict) -> str:
     lines += ["", "| surgery | seconds | GB written | GB/s |", "|---|---|---|---|"]
     for name, v in r["surgery"].items():
         lines.append(f"| {name} | {v['seconds']:.2f} | {v['bytes'] / 1e9:.2f} | {v['gb_per_s']:.2f} |")
+    if r.get("merge"):
+        lines += ["", "| merge (2 models + base) | seconds | GB written | GB/s |", "|---|---|---|---|"]
+        for name, v in r["merge"].items():
+            lines.append(f"| {name} | {v['seconds']:.2f} | {v['bytes'] / 1e9:.2f} | {v['gb_per_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
