@@ -584,6 +584,32 @@ def test_magnitude_selection_is_exact_off_ties():
         assert bool((w[(a != b).reshape(-1)] == value).all())
 
 
+def test_replayed_bernoulli_draws_are_torchs_bits():
+    """DARE's masks: the vectorized MT19937 replay gives torch.bernoulli(full_like(p))'s bits
+    (fp32 and bf16, probabilities at 0, 1 and a hair from either, a seed past 2**32, draws in a
+    row), and a draw of another kind afterwards continues the same stream."""
+    import torch
+
+    from lmexpand.expand.merging.methods.rng import RandomSource, replay_matches_torch
+
+    assert replay_matches_torch()
+    for seed in (0, 7, 2**40 + 3):
+        g = torch.Generator().manual_seed(seed)
+        src = RandomSource(seed)
+        assert src._replay is not None
+        for shape, p, dtype in (((1000, 33), 0.3, torch.float32), ((777,), 0.9, torch.bfloat16),
+                                ((4, 5, 6), 0.0, torch.float32), ((300,), 1.0, torch.bfloat16),
+                                ((5000,), 2**-24, torch.float32), ((5000,), 1 - 2**-24, torch.float32),
+                                ((999,), 0.123456789, torch.bfloat16)):
+            like = torch.empty(shape)
+            ours = src.bernoulli_full(like, p, dtype)
+            assert ours.dtype == dtype and ours.shape == like.shape
+            assert torch.equal(ours, torch.bernoulli(torch.full_like(like, p, dtype=dtype), generator=g)), (seed, p)
+        assert torch.equal(torch.randint(10**6, (50,), generator=src.torch), torch.randint(10**6, (50,), generator=g))
+        p = torch.rand(64, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(src.bernoulli(p), torch.bernoulli(p, generator=g))
+
+
 def test_streamed_task_arithmetic_is_chunk_invariant(monkeypatch):
     """ties and task_arithmetic run over chunks once the thresholds are known: any chunk size
     gives the same bytes (bf16, fp16, fp32; int8 masks, lambda, a model trimmed to nothing,

@@ -19,6 +19,7 @@ from lmexpand.errors import ConfigError, SourceError
 from lmexpand.expand.merging.config import DTYPES, MergeFile, resolve
 from lmexpand.expand.merging.methods import METHODS, Inputs, MergeMethod, method_names
 from lmexpand.expand.merging.methods.registry import MethodError
+from lmexpand.expand.merging.methods.rng import RandomSource
 from lmexpand.expand.merging.vocabulary import Vocabulary, build as build_vocabulary, source_of, wanted as builds_vocabulary
 from lmexpand.expand.plan import Plan, Read, TensorPlan, _torch_dtype, remap_layers
 
@@ -35,14 +36,12 @@ class RandomStream:
         self.seed, self.turns, self.device = seed, turns, device
         self._cond = threading.Condition()
         self._next = 0
-        self._gen: Optional["torch.Generator"] = None
+        self._gen: Optional[RandomSource] = None
 
-    def draw(self, turn: int, fn: Callable[["torch.Generator"], Any]) -> Any:
-        import torch
-
+    def draw(self, turn: int, fn: Callable[[RandomSource], Any]) -> Any:
         with self._cond:
             if turn == 0 and self._next in (0, self.turns):  # (re)start
-                self._gen, self._next = torch.Generator(device=self.device).manual_seed(self.seed), 0
+                self._gen, self._next = RandomSource(self.seed, self.device), 0
             while self._next != turn:
                 if not self._cond.wait(timeout=600):
                     raise RuntimeError(f"random draw {turn} waited 10 minutes for draw {self._next} (a bug)")

@@ -45,10 +45,11 @@ def arcee_fusion(x: Inputs) -> "torch.Tensor":
     flat = scores.reshape(-1)
     n = flat.numel()
 
-    def sample(gen: "torch.Generator"):
+    def sample(gen):  # a RandomSource (methods/rng.py), or None outside a merge
         if n <= QUANTILE_SAMPLE_SIZE:
             return None
-        return torch.randint(n, (QUANTILE_SAMPLE_SIZE,), device=flat.device, generator=gen)
+        return torch.randint(n, (QUANTILE_SAMPLE_SIZE,), device=flat.device,
+                             generator=gen.torch if gen is not None else None)
 
     picked = x.draw(sample) if x.draw is not None else sample(None)
     if picked is not None:

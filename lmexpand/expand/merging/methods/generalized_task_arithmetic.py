@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from lmexpand.expand.merging.methods.registry import Inputs, Param, density_check, register
-from lmexpand.expand.merging.methods.sparsify import bernoulli_probs, della_probs, magnitude, outliers, rescaled
+from lmexpand.expand.merging.methods.sparsify import della_probs, magnitude, outliers, random_work_dtype, rescaled
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +53,11 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
                 if density[i] >= 1 or (sparsify == "della" and density[i] <= 0):
                     out.append(None)
                     continue
-                p = (bernoulli_probs(other, density[i]) if sparsify == "random"
-                     else della_probs(other - base, density[i], x.per_model["epsilon"][i]))
-                out.append(torch.bernoulli(p, generator=gen))
+                if sparsify == "random":  # torch.bernoulli(full_like(p))'s bits, replayed (methods/rng.py)
+                    out.append(gen.bernoulli_full(other, density[i], random_work_dtype(other)))
+                    continue
+                p = della_probs(other - base, density[i], x.per_model["epsilon"][i])
+                out.append(gen.bernoulli(p))
                 del p
             return out
 

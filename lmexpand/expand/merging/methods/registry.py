@@ -79,7 +79,7 @@ class Inputs:
     tensors: list["torch.Tensor"]
     base_index: Optional[int]
     per_model: dict[str, list[Any]] = field(default_factory=dict)
-    draw: Optional[Callable[[Callable[["torch.Generator"], Any]], Any]] = None  # runs fn(gen) in RNG order
+    draw: Optional[Callable[[Callable[[Any], Any]], Any]] = None  # runs fn(source) in RNG order (methods/rng.py)
     match_mergekit: bool = False
 
     @property

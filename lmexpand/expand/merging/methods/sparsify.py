@@ -126,7 +126,7 @@ def outliers(t: "torch.Tensor", density: float, rescale: bool, gamma: float) -> 
     return rescaled(t, mask.reshape_as(t), rescale)
 
 
-def _random_work_dtype(t: "torch.Tensor") -> "torch.dtype":
+def random_work_dtype(t: "torch.Tensor") -> "torch.dtype":
     """mergekit's dtype for keep probabilities: the input's on an accelerator or for bf16; on
     CPU fp32 otherwise (CPU has no fp16 bernoulli)."""
     import torch
@@ -134,19 +134,11 @@ def _random_work_dtype(t: "torch.Tensor") -> "torch.dtype":
     return t.dtype if t.device.type != "cpu" or t.dtype == torch.bfloat16 else torch.float32
 
 
-def bernoulli_probs(t: "torch.Tensor", density: float) -> "torch.Tensor":
-    """DARE's keep probabilities."""
-    import torch
-
-    work = _random_work_dtype(t)
-    return torch.full_like(t, density, dtype=work)
-
-
 def della_probs(t: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
     """DELLA MagPrune: keep probability from density−ε to density+ε by magnitude rank per row."""
     import torch
 
-    work = _random_work_dtype(t)
+    work = random_work_dtype(t)
     if t.dim() < 2:
         t = t.unsqueeze(0)
     ranks = torch.argsort(t.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
