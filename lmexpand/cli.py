@@ -20,7 +20,7 @@ import click
 
 from lmexpand import __version__
 from lmexpand.options import Command, Group, LazyParamsCommand, option_for_field
-from lmexpand.process import StderrHandler, run_command, third_party_progress
+from lmexpand.process import run_command, setup_logging
 
 log = logging.getLogger("lmexpand")
 
@@ -39,13 +39,7 @@ def cli(verbose: int, quiet: bool) -> None:
       lmexpand inspect smollm2-135m
       lmexpand surgery llama-pro smollm2-135m out/pro --add 6
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("lmexpand: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    third_party_progress(verbose > 0)
+    setup_logging(verbose, quiet)
 
 
 @cli.command()
@@ -102,7 +96,7 @@ def surgery() -> None:
 
 
 def _surgery_command(method) -> click.Command:
-    if method.variadic:  # MODEL MODEL [MODEL...] OUT: split in _run_surgery
+    if method.variadic:  # MODEL MODEL [MODEL...] OUT: split by split_models_and_out
         params: list[click.Parameter] = [click.Argument(["models_and_out"], nargs=-1,
                                                         metavar=" ".join(method.sources) + " [...] OUT")]
     else:
@@ -133,8 +127,8 @@ def _surgery_command(method) -> click.Command:
             click.echo(json.dumps(result.summary if result.output is None else
                                   {"output": str(result.output), **result.summary}, indent=2))
 
-    return Command(method.name, params=params, callback=run, help=method.help,
-                    short_help=method.summary, context_settings=_CONTEXT)
+    return Command(method.name, params=params, callback=run, help=method.help, short_help=method.summary,
+                   context_settings=_CONTEXT)
 
 
 # -- merge --------------------------------------------------------------------------------
@@ -258,12 +252,12 @@ def train(**kw) -> None:
     """
     from lmexpand.stages.train import run_training, train_config_from_flags
 
-    recipe = kw.pop("recipe")
-    if recipe:
+    recipe, section = kw.pop("recipe"), None
+    if recipe:  # its train section gives the defaults
         from lmexpand.recipe import load_recipe_section
 
         section = load_recipe_section(Path(recipe), "train")
-    cfg, resume, force = train_config_from_flags(kw, section if recipe else None)
+    cfg, resume, force = train_config_from_flags(kw, section)
     out_model = run_training(cfg, resume=resume, force=force)
     log.info("trained model: %s", out_model)
     click.echo(str(out_model))

@@ -38,6 +38,19 @@ class StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """lmexpand's log on stderr ("lmexpand: ..."): warnings and errors only with ``quiet``,
+    debug from -vv; third-party progress bars from -v."""
+    log = logging.getLogger("lmexpand")
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("lmexpand: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    third_party_progress(verbose > 0)
+
+
 # a user's own HF_HUB_DISABLE_PROGRESS_BARS (set before lmexpand started) is kept
 _USER_SET_HF_BARS = "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ
 
