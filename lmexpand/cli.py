@@ -1,7 +1,9 @@
 """The ``lmexpand`` command line.
 
-Each subcommand parses, validates and calls one library function. Heavy libraries (torch,
-transformers) are imported inside the commands, so ``--help`` and ``--version`` are fast.
+Each subcommand parses its flags, calls one stage function (:mod:`lmexpand.stages`, the
+same ones ``lmexpand run`` calls for a recipe's stages) and prints what it returns. Heavy
+libraries (torch, transformers) are imported inside the commands, so ``--help`` and
+``--version`` are fast.
 Logs go to stderr; machine-readable output (``--json``) to stdout. Exit codes: 0 ok,
 2 user error (message, no traceback), 1 internal error (traceback: please report it).
 """
@@ -9,7 +11,6 @@ Logs go to stderr; machine-readable output (``--json``) to stdout. Exit codes: 0
 from __future__ import annotations
 
 import json
-import os
 import logging
 import sys
 from pathlib import Path
@@ -18,37 +19,15 @@ from typing import Sequence
 import click
 
 from lmexpand import __version__
-from lmexpand.errors import ConfigError, LmexpandError
+from lmexpand.options import Command, Group, LazyParamsCommand, option_for_field
+from lmexpand.process import run_command, setup_logging
 
 log = logging.getLogger("lmexpand")
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-
-
-class Terminated(BaseException):
-    """SIGTERM (``kill``, a scheduler, a container stopping), raised in the main thread so
-    that every clean-up a Ctrl-C runs (partial outputs removed, checkpoints kept) runs too."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up: a second TERM does not interrupt it
-    raise Terminated()
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=_CONTEXT)
+@click.group(cls=Group, context_settings=_CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="lmexpand")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
@@ -60,29 +39,7 @@ def cli(verbose: int, quiet: bool) -> None:
       lmexpand inspect smollm2-135m
       lmexpand surgery llama-pro smollm2-135m out/pro --add 6
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("lmexpand: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    _third_party_progress(verbose > 0)
-
-
-# a user's own HF_HUB_DISABLE_PROGRESS_BARS (set before lmexpand started) is kept
-_USER_SET_HF_BARS = "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ
-
-
-def _third_party_progress(show: bool) -> None:
-    """transformers' and the hub's own progress bars ("Loading weights" for every model
-    loaded) only with -v; lmexpand's own progress is unaffected."""
-    if _USER_SET_HF_BARS:
-        return
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"  # read when transformers is imported
-    if "transformers" in sys.modules:  # already imported (lmexpand called in-process)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.enable_progress_bar() if show else hf_logging.disable_progress_bar()
+    setup_logging(verbose, quiet)
 
 
 @cli.command()
@@ -100,57 +57,13 @@ def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
       lmexpand inspect smollm2-135m
       lmexpand inspect ./models/my-llama --json | jq .total_parameters
     """
-    from lmexpand.checkpoint.inspect import summarize
-    from lmexpand.checkpoint.sources import open_source
+    from lmexpand.stages.inspect import inspect_model, print_summary
 
-    with open_source(source, allow_pickle=allow_pickle, need_family=False) as reader:
-        summary = summarize(reader)
+    summary = inspect_model(source, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary)
-
-
-def _print_summary(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmexpand.units import human_bytes, human_count
-
-    console = Console()
-    table = Table(title=f"{s['path']}", show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    rows = [
-        ("family", f"{s['family']} ({', '.join(s['architectures'])})"),
-        ("layers", s["num_layers"]),
-        ("hidden / intermediate", f"{s['hidden_size']} / {s['intermediate_size']}"),
-        ("heads / kv heads / head dim", f"{s['num_attention_heads']} / {s['num_key_value_heads']} / {s['head_dim']}"),
-        ("vocab", s["vocab_size"]),
-        ("tied embeddings", "yes" if s["tie_word_embeddings"] else "no"),
-        ("dtype", ", ".join(f"{k} ({human_bytes(v)})" for k, v in s["bytes_by_dtype"].items())),
-        ("parameters", f"{s['total_parameters']:,} ({human_count(s['total_parameters'])})"),
-        ("bytes", f"{s['total_bytes']:,} ({human_bytes(s['total_bytes'])}) in {len(s['files'])} file(s)"),
-    ]
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
-
-    layers = Table(title="parameters per layer", title_justify="left")
-    layers.add_column("layer", justify="right")
-    layers.add_column("parameters", justify="right")
-    per_layer = s["per_layer_parameters"]
-    for i, n in enumerate(per_layer):
-        layers.add_row(str(i), f"{n:,}")
-    for name, n in s["non_layer_parameters"].items():
-        layers.add_row(name, f"{n:,}")
-    console.print(layers)
-    if s.get("note"):
-        console.print(f"[yellow]note:[/yellow] {s['note']}")
-    lineage = s.get("lineage")
-    if lineage:
-        console.print("[bold]lineage[/bold] (lmexpand.json):")
-        console.print_json(json.dumps(lineage))
+        print_summary(summary)
 
 
 # -- surgery ----------------------------------------------------------------------------
@@ -182,50 +95,14 @@ def surgery() -> None:
     """
 
 
-def _option_for_field(name: str, field) -> click.Option:
-    import types
-    import typing
-
-    from lmexpand.validation import flag_name
-
-    annotation = field.annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
-    base = args[0] if is_optional else annotation
-    default = None if field.is_required() else field.get_default(call_default_factory=True)
-    if isinstance(default, list):
-        default = ",".join(map(str, default)) or None
-    if isinstance(default, dict):
-        default = None
-    help_text = (field.description or "") + ("  [required]" if field.is_required() else
-                                             "" if default is None else f"  [default: {default}]")
-    flag = flag_name(name)
-    if base is bool:
-        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
-    if typing.get_origin(base) is typing.Literal:
-        return click.Option([flag, name], type=click.Choice([str(c) for c in typing.get_args(base)]), default=None, help=help_text)
-    if typing.get_origin(base) is list and typing.get_args(base) == (int,):
-        def split(ctx, param, value):
-            if value is None:
-                return None
-            try:
-                return [int(x) for x in value.split(",") if x.strip()]
-            except ValueError:
-                raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 3,7,11") from None
-
-        return click.Option([flag, name], type=str, default=None, callback=split, help=help_text, metavar="I,J,...")
-    click_type = {int: click.INT, float: click.FLOAT, str: click.STRING}.get(base, click.STRING)
-    return click.Option([flag, name], type=click_type, default=None, help=help_text)
-
-
 def _surgery_command(method) -> click.Command:
-    if method.variadic:  # MODEL MODEL [MODEL...] OUT: split in _run_surgery
+    if method.variadic:  # MODEL MODEL [MODEL...] OUT: split by split_models_and_out
         params: list[click.Parameter] = [click.Argument(["models_and_out"], nargs=-1,
                                                         metavar=" ".join(method.sources) + " [...] OUT")]
     else:
         params = [click.Argument([s.lower()]) for s in method.sources]
         params.append(click.Argument(["out"], required=False))
-    params += [_option_for_field(n, f) for n, f in method.config.model_fields.items()]
+    params += [option_for_field(n, f) for n, f in method.config.model_fields.items()]
     params += [
         click.Option(["--dry-run"], is_flag=True, help="Print the plan (layer map, parameters, bytes, training memory); write nothing."),
         click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable output on stdout."),
@@ -235,106 +112,23 @@ def _surgery_command(method) -> click.Command:
     ]
 
     def run(**kw) -> None:
-        _run_surgery(method, kw)
+        from lmexpand.stages.surgery import SurgeryRequest, print_plan, run_surgery, split_models_and_out
 
-    return click.Command(method.name, params=params, callback=run, help=method.help,
-                         short_help=method.summary, context_settings=_CONTEXT)
-
-
-def _run_surgery(method, kw: dict) -> None:
-    from lmexpand.checkpoint.sources import open_source
-    from lmexpand.expand.executor import execute
-    from lmexpand.expand.plan import plan_summary
-    from lmexpand.expand.registry import parse_config
-    from lmexpand.units import parse_size
-
-    if method.variadic:
-        sources, out = _split_models_and_out(method, list(kw.pop("models_and_out")), kw["dry_run"])
-        kw["out"] = out
-    else:
-        sources = [kw.pop(s.lower()) for s in method.sources]
-    out, dry_run, as_json = kw.pop("out"), kw.pop("dry_run"), kw.pop("as_json")
-    force, allow_pickle = kw.pop("force"), kw.pop("allow_pickle")
-    max_shard_size = parse_size(kw.pop("max_shard_size"), "--max-shard-size")
-    if out is None and not dry_run:
-        raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
-    cfg = parse_config(method, {k: v for k, v in kw.items() if v is not None})
-    readers = [open_source(s, allow_pickle=allow_pickle) for s in sources]
-    plan = method.checked_plan(readers, cfg)
-    summary = plan_summary(plan)
-    if dry_run:
-        if as_json:
-            click.echo(json.dumps(summary, indent=2))
+        if method.variadic:
+            sources, out = split_models_and_out(method, list(kw.pop("models_and_out")), kw["dry_run"])
         else:
-            _print_plan(summary)
-        return
-    for note in plan.notes:
-        log.info("note: %s", note)
-    path = execute(plan, out, force=force, max_shard_size=max_shard_size, readers=readers)
-    layers = f"{summary['num_layers']} layers, " if summary["num_layers"] else ""
-    log.info("wrote %s: %s%s parameters (%s to train)%s", path, layers, f"{summary['parameters_total']:,}",
-             f"{summary['parameters_new']:,}", ", function-preserving at init (by construction)"
-             if plan.function_preserving else "")
-    if plan.check_delta:
-        from lmexpand.expand.executor import logit_delta
+            sources, out = [kw.pop(s.lower()) for s in method.sources], kw.pop("out")
+        flags = {k: kw.pop(k) for k in ("dry_run", "as_json", "force", "allow_pickle", "max_shard_size")}
+        result = run_surgery(SurgeryRequest(method, sources, out, kw, dry_run=flags["dry_run"], force=flags["force"],
+                                            max_shard_size=flags["max_shard_size"], allow_pickle=flags["allow_pickle"]))
+        if result.output is None and not flags["as_json"]:
+            print_plan(result.summary)
+        elif result.output is None or flags["as_json"]:
+            click.echo(json.dumps(result.summary if result.output is None else
+                                  {"output": str(result.output), **result.summary}, indent=2))
 
-        summary["max_abs_logit_delta"] = delta = logit_delta(plan.sources[0], path)
-        log.info("not exact at init: max |dlogit| vs the source = %.3g (fp32, fixed batch of 2x32 tokens)", delta)
-    if as_json:
-        click.echo(json.dumps({"output": str(path), **summary}, indent=2))
-
-
-def _split_models_and_out(method, args: list[str], dry_run: bool) -> tuple[list[str], str | None]:
-    """``MODEL MODEL ... OUT``: the last argument is OUT, except under --dry-run when it
-    names a model (then every argument is a model)."""
-    from lmexpand.checkpoint.sources import EMBEDDED
-
-    def is_model(a: str) -> bool:
-        return a in EMBEDDED or (Path(a) / "config.json").is_file()
-
-    models, out = (args, None) if dry_run and args and is_model(args[-1]) else (args[:-1], args[-1] if args else None)
-    need = len(method.sources)
-    if len(models) < need:
-        raise ConfigError(f"surgery {method.name} needs at least {need} models, then OUT "
-                          f"(`lmexpand surgery {method.name} {' '.join(method.sources)} [...] OUT`); got "
-                          f"{len(models)} model(s)" + (f" and OUT {out}" if out else "") + ".")
-    return models, out
-
-
-def _print_plan(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmexpand.expand.plan import compress_layer_map
-    from lmexpand.units import human_bytes, human_count
-
-    console = Console()
-    table = Table(title=f"plan: {s['method']} (dry run, nothing written)", show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    mem = s["training_memory_bytes"]
-    rows = [
-        ("arguments", ", ".join(f"{k}={v}" for k, v in s["arguments"].items() if v is not None)),
-        ("sources", ", ".join(s["sources"])),
-        ("layers", s["num_layers"]),
-        ("parameters", f"{s['parameters_total']:,} total ({human_count(s['parameters_total'])}), "
-                       f"{s['parameters_new']:,} to train ({human_count(s['parameters_new'])})"),
-        ("tensors", f"{s['tensors_total']} total, {s['tensors_new']} to train"),
-        ("bytes to write", f"{s['bytes_to_write']:,} ({human_bytes(s['bytes_to_write'])})"),
-        ("function-preserving", "yes (exact at init)" if s["function_preserving"] else "no"),
-        ("training memory", f"{human_bytes(mem['total'])} = new weights {human_bytes(mem['new_weights'])} "
-                            f"+ grads {human_bytes(mem['gradients'])} + AdamW {human_bytes(mem['adamw_states'])} "
-                            f"+ frozen weights {human_bytes(mem['frozen_weights'])} (activations not included)"),
-    ]
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
-    if s["layer_map"]:
-        console.print("[bold]layer map[/bold] (output <- source):")
-        for line in compress_layer_map(s["layer_map"]):
-            console.print("  " + line)
-    for note in s["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+    return Command(method.name, params=params, callback=run, help=method.help, short_help=method.summary,
+                   context_settings=_CONTEXT)
 
 
 # -- merge --------------------------------------------------------------------------------
@@ -369,120 +163,16 @@ def merge(config: str, out: str | None, dry_run: bool, seed: int | None, threads
       lmexpand merge ties.yaml out/ties --threads 8 --device auto
       lmexpand merge soup.yaml out/soup --eval-data valid.txt
     """
-    import os
+    from lmexpand.stages.merge import MergeRequest, merge_text, run_merge
 
-    from lmexpand.checkpoint.writer import check_output
-    from lmexpand.expand.executor import execute
-    from lmexpand.expand.merging import load_config
-    from lmexpand.expand.merging.planner import open_models, resolve_device
-    from lmexpand.units import parse_size
-
-    shard = parse_size(max_shard_size, "--max-shard-size")
-    device = resolve_device(device)
-    if out is None and not dry_run:
-        raise click.UsageError("missing argument OUT (the output directory); or use --dry-run")
-    threads = threads or max(1, min(8, os.cpu_count() or 1))
-    file, where, text, directory = load_config(config)
-    resolved = open_models(file, where, allow_pickle=allow_pickle, relative_to=directory)
-    inputs = [("config", Path(config))] + [("model", r.path) for r in resolved.readers]
-    if eval_data:
-        inputs.append(("--eval-data", Path(eval_data)))
-    if out is not None:
-        check_output(Path(out), inputs=inputs, force=force, label="OUT")
-    soup = None
-    if resolved.method is None:
-        from lmexpand.expand.merging.soup import greedy_soup, soup_inputs
-
-        if not eval_data:
-            raise click.UsageError("merge_method greedy_soup ranks its candidates by held-out perplexity: give --eval-data FILE")
-        resolved = soup_inputs(resolved, where)
-        if dry_run:
-            click.echo(f"greedy soup of {len(resolved.models)} candidates, scored on {eval_data} "
-                       f"({eval_tokens:,} tokens each); a dry run scores nothing")
-            return
-        scorer = _perplexity_scorer(eval_data, eval_tokens, resolved.readers[0].path)
-        soup = greedy_soup(resolved, scorer, where, log=log.info)
-        resolved = soup.resolved
-    elif eval_data:
-        raise click.UsageError("--eval-data is for merge_method: greedy_soup")
-    from lmexpand.expand.merging.files import add_files
-    from lmexpand.expand.merging.planner import plan_merge
-
-    plan = plan_merge(resolved, where, seed=seed, source_text=text, match_mergekit=match_mergekit, device=device)
-    if soup is not None:
-        plan.extra_lineage["merge"]["greedy_soup"] = soup.record
-    add_files(plan, resolved, where)
-    plan.validate()  # the output's sizes against the limits (a dry run says so too)
-    summary = merge_summary(plan, threads)
-    if dry_run:
-        click.echo(json.dumps(summary, indent=2) if as_json else _merge_text(summary))
-        return
-    for note in plan.notes:
-        log.info("note: %s", note)
-    if plan.arguments.get("seed") is not None and seed is None:
-        log.info("random method: seed %d (give --seed %d to repeat this merge)", plan.arguments["seed"],
-                 plan.arguments["seed"])
-    path = execute(plan, out, force=force, max_shard_size=shard, threads=threads)
-    log.info("wrote %s: %s parameters merged with %s from %d models (every tensor written checked finite)", path,
-             f"{summary['parameters']:,}", summary["merge_method"], len(summary["models"]))
-    if as_json:
-        click.echo(json.dumps({"output": str(path), **summary}, indent=2))
-
-
-def merge_summary(plan, threads: int) -> dict:
-    """Per tensor group (layer index folded into *): the op with its resolved parameters."""
-    import re
-
-    from lmexpand.units import human_bytes
-
-    groups: dict[str, dict] = {}
-    for t in plan.tensors:
-        key = re.sub(r"\.\d+\.", ".*.", t.name)
-        desc = t.op.describe()
-        g = groups.setdefault(key, {"tensors": 0, "bytes": 0, "ops": {}})
-        g["tensors"] += 1
-        g["bytes"] += t.nbytes
-        g["ops"][desc] = g["ops"].get(desc, 0) + 1
-    largest = max((t.nbytes for t in plan.tensors), default=0)
-    n_inputs = max((len(t.op.reads()) for t in plan.tensors), default=1)
-    merge = plan.extra_lineage["merge"]
-    memory = (n_inputs + 2) * largest * threads
-    return {
-        "merge_method": merge["method"], "models": merge["models"], "seed": merge["seed"],
-        "tensors": len(plan.tensors), "parameters": plan.total_params, "bytes_to_write": plan.total_bytes,
-        "threads": threads, "largest_tensor_bytes": largest,
-        "memory_estimate_bytes": memory,
-        "memory_estimate": f"~{human_bytes(memory)} = ({n_inputs} inputs + 2) x largest tensor "
-                           f"{human_bytes(largest)} x {threads} threads, plus the runtime",
-        "groups": groups, "notes": plan.notes,
-    }
-
-
-def _merge_text(s: dict) -> str:
-    from lmexpand.units import human_bytes
-
-    lines = [f"merge plan: {s['merge_method']} of {len(s['models'])} models (dry run, nothing written)"]
-    for i, m in enumerate(s["models"]):
-        lines.append(f"  m{i}: {m}")
-    lines.append(f"{s['tensors']} tensors, {s['parameters']:,} parameters, {human_bytes(s['bytes_to_write'])} to write")
-    lines.append(f"memory: {s['memory_estimate']}")
-    for key, g in s["groups"].items():
-        for desc, n in g["ops"].items():
-            lines.append(f"  {key} ({n}x): {desc}")
-    lines += [f"note: {n}" for n in s["notes"]]
-    return "\n".join(lines)
-
-
-def _perplexity_scorer(eval_data: str, max_tokens: int, tokenizer_dir: Path):
-    """model -> perplexity on the first ``max_tokens`` tokens of ``eval_data`` (windows of 256),
-    tokenized once; the file and the tokenizer are checked now, before any model is scored."""
-    from lmexpand.checkpoint.tokenizer import load_tokenizer
-    from lmexpand.eval.perplexity import parse_text_set, perplexity, token_stream
-
-    ids = token_stream(parse_text_set(eval_data), load_tokenizer(tokenizer_dir), max_tokens)
-    if len(ids) < 64:
-        raise click.UsageError(f"--eval-data {eval_data}: only {len(ids)} tokens; give more held-out text")
-    return lambda model: perplexity(model, ids, seq_len=256, stride=256)["ppl"]
+    result = run_merge(MergeRequest(config, out, dry_run=dry_run, seed=seed, threads=threads, device=device,
+                                    match_mergekit=match_mergekit, eval_data=eval_data, eval_tokens=eval_tokens,
+                                    force=force, max_shard_size=max_shard_size, allow_pickle=allow_pickle))
+    if result.output is None:
+        click.echo(result.preview if result.summary is None else
+                   json.dumps(result.summary, indent=2) if as_json else merge_text(result.summary))
+    elif as_json:
+        click.echo(json.dumps({"output": str(result.output), **result.summary}, indent=2))
 
 
 @cli.command("extract-lora", context_settings=_CONTEXT)
@@ -525,24 +215,10 @@ def _train_config_params() -> list[click.Parameter]:
     """One option per scalar TrainConfig field (the others are spelled out on the command)."""
     from lmexpand.train.config import TrainConfig
 
-    return [_option_for_field(n, f) for n, f in TrainConfig.model_fields.items() if n not in _TRAIN_MANUAL]
+    return [option_for_field(n, f) for n, f in TrainConfig.model_fields.items() if n not in _TRAIN_MANUAL]
 
 
-class _LazyParamsCommand(click.Command):
-    """Builds part of its options on first use, so `lmexpand --help` stays light."""
-
-    def __init__(self, *args, params_factory, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._params_factory = params_factory
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if self._params_factory is not None:
-            self.params.extend(self._params_factory())
-            self._params_factory = None
-        return super().get_params(ctx)
-
-
-@cli.command(cls=_LazyParamsCommand, params_factory=_train_config_params, context_settings=_CONTEXT)
+@cli.command(cls=LazyParamsCommand, params_factory=_train_config_params, context_settings=_CONTEXT)
 @click.option("--model", "model", help="Expanded model directory (with lmexpand.json), or an embedded name.")
 @click.option("--data", "data", multiple=True, help="Training data: .txt, .jsonl, .parquet, .arrow, .csv or a datasets.save_to_disk directory; repeat for several; FILE:WEIGHT for a weighted mixture (math.jsonl:0.7).")
 @click.option("--text-field", default=None, help="Field (column) with the text  [default: text]")
@@ -574,85 +250,17 @@ def train(**kw) -> None:
       lmexpand train --model out/pro --data corpus.txt --out runs/pro --resume
       accelerate launch --config_file recipes/accelerate/ddp.yaml -m lmexpand train --model out/pro ...
     """
-    from lmexpand.train.loop import train as run_training
+    from lmexpand.stages.train import run_training, train_config_from_flags
 
-    cfg, resume, force = _train_config_from_cli(kw)
+    recipe, section = kw.pop("recipe"), None
+    if recipe:  # its train section gives the defaults
+        from lmexpand.recipe import load_recipe_section
+
+        section = load_recipe_section(Path(recipe), "train")
+    cfg, resume, force = train_config_from_flags(kw, section)
     out_model = run_training(cfg, resume=resume, force=force)
     log.info("trained model: %s", out_model)
     click.echo(str(out_model))
-
-
-def _train_config_from_cli(kw: dict):
-    from pathlib import Path
-
-    from lmexpand.train.config import parse_train_config
-
-    values: dict = {}
-    style = "flag"
-    recipe = kw.pop("recipe")
-    if recipe:
-        from lmexpand.recipe import load_recipe_section
-
-        values = load_recipe_section(Path(recipe), "train")
-        style = "key"
-    text_field, template, loss_from = kw.pop("text_field"), kw.pop("template"), kw.pop("loss_from")
-    chat = kw.pop("chat")
-    data = kw.pop("data")
-    if data:
-        values["data"] = [_data_argument(d) for d in data]
-    if text_field or template or loss_from or chat:
-        values["data"] = [
-            {**d, **({"field": text_field} if text_field else {}), **({"template": template} if template else {}),
-             **({"loss_from": loss_from} if loss_from else {}), **({"chat": chat} if chat else {})}
-            for d in values.get("data", [])
-        ]
-    for key in ("model", "out"):
-        if kw.get(key):
-            values[key] = kw[key]
-        kw.pop(key)
-    trainable, extra = kw.pop("trainable"), kw.pop("extra_trainable")
-    if trainable:
-        values["trainable"] = trainable if trainable in ("new", "all", "none") else trainable.split(",")
-    if extra:
-        values["extra_trainable"] = extra.split(",")
-    use_lora, lora_r, lora_targets = kw.pop("use_lora"), kw.pop("lora_r"), kw.pop("lora_targets")
-    if lora_r is not None and lora_r < 1:
-        raise click.BadParameter(f"{lora_r}: a LoRA rank is at least 1 (8, 16, 64 are common)",
-                                 param_hint="--lora-r")
-    if use_lora or lora_r is not None or lora_targets:
-        lora = dict(values.get("lora") or {})
-        if lora_r:
-            lora["r"] = lora_r
-        if lora_targets:
-            lora["target_modules"] = lora_targets.split(",")
-        values["lora"] = lora
-    resume, resume_from, force = kw.pop("resume"), kw.pop("resume_from"), kw.pop("force")
-    values.update({k: v for k, v in kw.items() if v is not None})
-    for required in ("model", "out"):
-        if required not in values:
-            raise click.UsageError(f"missing --{required}")
-    if "data" not in values:
-        raise click.UsageError("missing --data (a .txt, .jsonl, .parquet, .arrow or .csv file, or a save_to_disk "
-                               "directory)")
-    cfg = parse_train_config(values, style=style)
-    return cfg, (Path(resume_from) if resume_from else resume), force
-
-
-def _data_argument(text: str) -> dict:
-    """--data FILE or FILE:WEIGHT (an existing file whose name ends in :NUMBER is a file)."""
-    import math
-    import re
-    from pathlib import Path
-
-    m = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan)", text)
-    if m is None or Path(text).exists():
-        return {"path": text}
-    weight = float(m.group(2))
-    if not (math.isfinite(weight) and weight > 0):
-        raise click.BadParameter(f"{text!r}: the mixture weight {m.group(2)} of {m.group(1)} is not a positive finite "
-                                 "number. Give e.g. --data math.jsonl:0.7 --data general.txt:0.3",
-                                 param_hint="--data")
-    return {"path": m.group(1), "weight": weight}
 
 
 # -- eval ---------------------------------------------------------------------------------
@@ -692,32 +300,13 @@ def eval_command(model: str, data, template, text_field, base, compare, out, max
           --data general=../shared/data/general-english/openstax-humanities/valid.txt \\
           --template $'Question: {question}\\nAnswer: {answer}' --out reports/pro
     """
-    from pathlib import Path
+    from lmexpand.stages.evaluate import eval_request_from_flags, run_evaluation
 
-    from lmexpand.eval.perplexity import parse_text_set
-    from lmexpand.eval.report import run_eval
-
-    if max_tokens <= 0 or seq_len <= 1 or (stride is not None and stride <= 0):
-        raise ConfigError("--max-tokens, --seq-len and --stride must be positive (--seq-len at least 2).")
-    pairs = []
-    for c in compare:
-        label, sep, spec = c.partition("=")
-        if not sep or not label or not spec:
-            raise ConfigError(f"--compare {c!r}: use LABEL=MODEL, e.g. expanded=out/pro")
-        pairs.append((label, spec))
-    harness = None
-    if lm_eval_tasks is not None:
-        from lmexpand.eval.harness import LmEvalSettings
-
-        harness = LmEvalSettings.parse(lm_eval_tasks, include=lm_eval_include, limit=lm_eval_limit,
-                                       batch_size=lm_eval_batch_size, device=lm_eval_device, num_fewshot=lm_eval_fewshot)
-    elif any(v is not None for v in (lm_eval_include, lm_eval_limit, lm_eval_batch_size, lm_eval_fewshot,
-                                      lm_eval_device)):
-        raise ConfigError("the --lm-eval-* options set up lm-evaluation-harness: add --lm-eval TASKS "
-                          "(e.g. --lm-eval hellaswag), or leave them out.")
-    sets = [parse_text_set(d, template, text_field) for d in data]
-    results = run_eval(model, sets, Path(out), base=base, compare=pairs, max_tokens=max_tokens, seq_len=seq_len,
-                       stride=stride, samples=not no_samples, allow_pickle=allow_pickle, lm_eval=harness, force=force)
+    lm_eval = {"tasks": lm_eval_tasks, "include": lm_eval_include, "limit": lm_eval_limit,
+               "batch_size": lm_eval_batch_size, "fewshot": lm_eval_fewshot, "device": lm_eval_device}
+    results = run_evaluation(eval_request_from_flags(model, data, template, text_field, base, compare, out,
+                                                     max_tokens, seq_len, stride, no_samples, lm_eval, allow_pickle,
+                                                     force))
     log.info("report: %s", Path(out) / "report.md")
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -754,23 +343,16 @@ def generate(model: str, prompts, max_new_tokens, chat, system, sample, temperat
       lmexpand generate out/sum --chat --prompt "What is 12 * 7?" --max-new-tokens 48
       lmexpand generate out/cd --prompt "Once upon a time" --sample --top-p 0.9 --seed 1
     """
-    from lmexpand.eval.generation import GenerationSettings, generate as run_generate
-    from lmexpand.export import resolve_export_source
+    from lmexpand.eval.generation import GenerationSettings
+    from lmexpand.stages.generate import deferral_line, generation_record, run_generation
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, chat=chat, system=system, sample=sample,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   stop_at_eos=not ignore_eos, threshold=threshold, show_deferrals=show_deferrals)
-    settings.check()
-    if not prompts:
-        raise ConfigError("give a prompt: --prompt TEXT (repeat it for a batch).")
-    model_dir = resolve_export_source(model)
     stream = None if as_json or len(prompts) > 1 or show_deferrals else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    result = run_generate(model_dir, list(prompts), settings, allow_pickle=allow_pickle, on_text=stream)
+    result = run_generation(model, prompts, settings, allow_pickle=allow_pickle, on_text=stream)
     if as_json:
-        click.echo(json.dumps({"prompts": list(prompts), "texts": result.texts, "tokens": result.new_tokens,
-                               **({"deferred": result.deferred} if result.deferred is not None else {}),
-                               "seconds": round(result.seconds, 3),
-                               "tokens_per_second": round(result.tokens_per_second, 2)}, indent=2))
+        click.echo(json.dumps(generation_record(prompts, result), indent=2))
     elif stream is not None:
         click.echo("")
     elif len(prompts) == 1:
@@ -779,9 +361,7 @@ def generate(model: str, prompts, max_new_tokens, chat, system, sample, temperat
         for p, t in zip(prompts, result.marked or result.texts):
             click.echo(f"### {p}\n{t}\n")
     if result.deferred is not None:
-        n = sum(len(r) for r in result.deferred)
-        log.info("deferred %d of %d tokens to the assistant (%.0f %%)", sum(map(sum, result.deferred)), n,
-                 100 * sum(map(sum, result.deferred)) / max(n, 1))
+        log.info("%s", deferral_line(result))
     log.info("%d new tokens in %.2f s: %.1f tokens/s", result.new_tokens, result.seconds, result.tokens_per_second)
 
 
@@ -805,13 +385,10 @@ def export(source: str, out: str, eval_dir: str | None, max_shard_size: str, for
     Example:
       lmexpand export runs/pro exported/smollm2-pro-math --eval reports/pro
     """
-    from pathlib import Path
+    from lmexpand.stages.export import run_export
 
-    from lmexpand.export import export_model
-    from lmexpand.units import parse_size
-
-    path = export_model(source, out, force=force, eval_dir=Path(eval_dir) if eval_dir else None,
-                        max_shard_size=parse_size(max_shard_size, "--max-shard-size"), allow_pickle=allow_pickle)
+    path = run_export(source, out, eval_dir=Path(eval_dir) if eval_dir else None, max_shard_size=max_shard_size,
+                      force=force, allow_pickle=allow_pickle)
     log.info("exported: %s", path)
     click.echo(str(path))
 
@@ -837,30 +414,16 @@ def verify(source: str, values: str, as_json: bool, allow_pickle: bool) -> None:
     """
     from dataclasses import asdict
 
-    from lmexpand.checkpoint.sources import open_source
     from lmexpand.checkpoint.verify import human_report
-    from lmexpand.checkpoint.verify import verify as run_verify
-    from lmexpand.errors import CheckpointError
+    from lmexpand.stages.verify import require_ok, verify_model
 
-    with open_source(source, need_family=False, allow_pickle=allow_pickle) as reader:
-        path = reader.path
-    report = run_verify(path, values=values, allow_pickle=allow_pickle)
+    path, report = verify_model(source, values=values, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
     else:
         for line in human_report(report):
             click.echo(line)
-    if not report.ok:
-        only_values = all("NaN/Inf values" in p for p in report.problems)
-        if only_values and report.hashes == "match":
-            # the files are what lmexpand wrote: the values came with them (source or training)
-            raise CheckpointError(
-                f"{path}: {len(report.problems)} tensor(s) hold NaN/Inf, first: {report.problems[0]}. The files are "
-                "exactly as written (their sha256 match), so the values came from the source model or the step that "
-                "wrote them: check the source with `lmexpand verify SOURCE --values all` and re-run that step.")
-        raise CheckpointError(
-            f"{path}: {len(report.problems)} problem(s), first: {report.problems[0]}. The directory is damaged "
-            "or was modified after lmexpand wrote it: restore it or re-run the step that wrote it.")
+    require_ok(path, report)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -879,8 +442,6 @@ def run(recipe: str, check: bool) -> None:
       lmexpand run recipes/quickstart.yaml
       lmexpand run recipes/llama-pro.yaml --check
     """
-    from pathlib import Path
-
     from lmexpand.recipe import load_job, run_job
 
     job = load_job(Path(recipe))
@@ -895,50 +456,7 @@ def run(recipe: str, check: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (so tests can call it)."""
-    import signal
-    import threading
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="lmexpand", standalone_mode=False)
-    except LmexpandError as e:
-        click.echo(f"error: {e}", err=True)
-        return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return EXIT_USER
-    except (KeyboardInterrupt, click.Abort):  # click turns Ctrl-C into Abort
-        click.echo("interrupted (Ctrl-C): stopped; no half-written output was left in place (a training run keeps its "
-                   "checkpoints for --resume) and the inputs are untouched", err=True)
-        return EXIT_INTERRUPTED
-    except Terminated:
-        click.echo("terminated (SIGTERM): stopped; no half-written output was left in place (a training run keeps its "
-                   "checkpoints for --resume) and the inputs are untouched", err=True)
-        return EXIT_TERMINATED
-    except BrokenPipeError:
-        return EXIT_OK
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        click.echo(
-            "error: internal error in lmexpand (the traceback above); please report it with the command you ran.",
-            err=True,
-        )
-        return EXIT_INTERNAL
-    return rv if isinstance(rv, int) else EXIT_OK
+    return run_command(cli, argv)
 
 
 def entry_point() -> None:  # console script

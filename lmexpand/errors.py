@@ -46,3 +46,13 @@ class TrainingDivergedError(LmexpandError):
 class NonFiniteError(LmexpandError):
     """A model's values or outputs hold NaN/Inf (a damaged or diverged checkpoint, or
     logits that overflow): refused wherever values are written or reported."""
+
+
+class UsageError(ConfigError):
+    """A command-line mistake found below the CLI (a missing argument, a flag that does not
+    apply): the command shows it as click shows its own usage errors (``param_hint``: the
+    flag whose value is wrong)."""
+
+    def __init__(self, message: str, param_hint: str | None = None):
+        super().__init__(message)
+        self.param_hint = param_hint

@@ -1,5 +1,10 @@
 """YAML recipes: one file describes a job, section by section (surgery, train, eval, export).
 
+:func:`load_job` validates the whole file into a typed :class:`Job` (the surgery planned
+once, from headers, before any work); :func:`run_job` runs its stages through the stage
+functions of :mod:`lmexpand.stages`, the ones the single commands call, skipping the stages
+whose inputs did not change since they completed.
+
 Relative paths in a recipe are relative to the recipe file, so a recipe and its data can
 move together; embedded model names (smollm2-135m) stay names. A relative path that stays
 inside the recipe's directory as written must stay inside it once symlinks are followed:
@@ -16,13 +21,19 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from lmexpand.errors import ConfigError
 from lmexpand.faults import kill_point
+from lmexpand.stages.merge import MergeRequest, PreparedMerge
+from lmexpand.stages.surgery import PlannedSurgery, SurgeryRequest
 from lmexpand.validation import STRICT, validate
+
+if TYPE_CHECKING:
+    from lmexpand.expand.registry import MethodConfig
+    from lmexpand.train.config import TrainConfig
 
 log = logging.getLogger("lmexpand")
 
@@ -104,6 +115,9 @@ class SurgerySection(_Section):
     out: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     allow_pickle: bool = Field(False, description="accept pickle-only sources (pytorch_model.bin), weights-only")
+    eval_data: str | None = Field(None, description="method merge, merge_method greedy_soup: held-out text "
+                                  "(.txt/.jsonl) ranking the candidates by perplexity (`lmexpand merge --eval-data`)")
+    eval_tokens: int = Field(16384, ge=64, description="tokens of eval_data scored per candidate")
 
 
 class EvalSection(_Section):
@@ -135,22 +149,49 @@ class RecipeFile(_Section):
     export: ExportSection | None = None
 
 
+@dataclass(frozen=True)
+class SurgeryStage:
+    """The recipe's surgery, planned once by :func:`load_job` (headers only) and run from
+    that plan: a registered method, or a merge (every merge method, greedy_soup included:
+    a soup is planned once its candidates are scored)."""
+
+    planned: PlannedSurgery | PreparedMerge
+    method: str
+    config: "MethodConfig"  # the method's arguments
+    sources: list[str]  # as the recipe gives them (a merge's configuration names its own)
+    out: Path
+    eval_data: str | None = None  # greedy_soup's held-out text
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    section: EvalSection  # data paths resolved, base given or the surgery's source
+    out: Path
+
+
+@dataclass(frozen=True)
+class ExportStage:
+    section: ExportSection
+    out: Path
+
+
 @dataclass
 class Job:
-    """A validated recipe: every path resolved, every section's settings checked."""
+    """A validated recipe: every path resolved, every section's settings checked, the
+    surgery planned."""
 
     path: Path
     workdir: Path
-    surgery: tuple[Any, Any, str, Path] | None = None  # (method, config, source, out)
-    surgery_allow_pickle: bool = False
-    train: Any = None  # TrainConfig of the last training stage
-    train_stages: list = field(default_factory=list)  # every stage's TrainConfig, in order
-    eval: EvalSection | None = None
-    eval_out: Path | None = None
-    export_out: Path | None = None
-    export: ExportSection | None = None
-    fingerprints: dict[str, str] = field(default_factory=dict)
+    surgery: SurgeryStage | None = None
+    train_stages: "list[TrainConfig]" = field(default_factory=list)  # in order
+    eval: EvalStage | None = None
+    export: ExportStage | None = None
     planned: "ModelFacts | None" = None  # what the surgery will write, from its plan (headers only)
+
+    @property
+    def train(self) -> "TrainConfig | None":
+        """The last training stage: its model is what eval and export take."""
+        return self.train_stages[-1] if self.train_stages else None
 
 
 @dataclass(frozen=True)
@@ -238,14 +279,24 @@ def load_job(path: Path) -> Job:
         for x in sources:
             _must_exist(f"{path}: surgery.source", x)
         out = Path(_resolve(base, s.out)) if s.out else workdir / "expanded"
-        job.surgery = (method, cfg, sources, out)
-        job.surgery_allow_pickle = s.allow_pickle
-        job.planned = preflight_surgery(job)
-        if not sources:  # merge: its configuration names the models; the first is the eval base
-            sources_for_eval = [job.planned.source]
+        eval_data = None
+        if s.eval_data is not None:
+            if s.method != "merge":
+                raise ConfigError(f"{path}: surgery.eval_data ranks the candidates of a greedy soup (method: merge, "
+                                  f"merge_method: greedy_soup); {s.method} reads no held-out text. Remove it.")
+            eval_data = _resolve(base, s.eval_data)
+            _must_exist(f"{path}: surgery.eval_data", eval_data)
+        if s.method == "merge":
+            planned, job.planned = preflight_merge(str(path), cfg, MergeRequest(
+                cfg.config, out, seed=cfg.seed, threads=1, device=cfg.device, match_mergekit=cfg.match_mergekit,
+                eval_data=eval_data, eval_tokens=s.eval_tokens, force=True, allow_pickle=s.allow_pickle,
+                announce=False))
         else:
-            sources_for_eval = sources
-        produced, source_model = str(out), sources_for_eval[0]
+            planned, job.planned = preflight_surgery(str(path), SurgeryRequest(
+                method, sources, out, config=cfg, force=True, allow_pickle=s.allow_pickle, announce=False))
+        job.surgery = SurgeryStage(planned, s.method, cfg, sources, out, eval_data)
+        # a merge's configuration names the models: its first is the eval base
+        produced, source_model = str(out), (sources or [job.planned.source])[0]
     if recipe.train is not None:
         stages = recipe.train if isinstance(recipe.train, list) else [recipe.train]
         if not stages:
@@ -269,7 +320,6 @@ def load_job(path: Path) -> Job:
             produced = str(cfg.out / "model")
             source_model = source_model or str(cfg.model)
             job.train_stages.append(cfg)
-        job.train = job.train_stages[-1]
     if recipe.eval is not None:
         ev = recipe.eval
         data = {k: _resolve(base, v) for k, v in ev.data.items()}
@@ -278,13 +328,12 @@ def load_job(path: Path) -> Job:
         ev = ev.model_copy(update={"data": data, "base": _resolve(base, ev.base) if ev.base else source_model})
         if produced is None:
             raise ConfigError(f"{path}: eval: needs a surgery or train section to evaluate.")
-        job.eval = ev
-        job.eval_out = Path(_resolve(base, ev.out)) if ev.out else workdir / "eval"
+        job.eval = EvalStage(ev, Path(_resolve(base, ev.out)) if ev.out else workdir / "eval")
     if recipe.export is not None:
         if produced is None:
             raise ConfigError(f"{path}: export: needs a surgery or train section to export.")
-        job.export = recipe.export
-        job.export_out = Path(_resolve(base, recipe.export.out)) if recipe.export.out else workdir / "export"
+        job.export = ExportStage(recipe.export, Path(_resolve(base, recipe.export.out)) if recipe.export.out
+                                 else workdir / "export")
     if not any((job.surgery, job.train, job.eval, job.export)):
         raise ConfigError(f"{path}: the recipe has no section to run (surgery, train, eval, export).")
     _check_job(job, source_model)
@@ -299,30 +348,58 @@ def recipe_keys(message: str, fields: Any, prefix: str) -> str:
                   else m.group(0), message)
 
 
-def preflight_surgery(job: Job) -> ModelFacts:
+def preflight_surgery(where: str, request: SurgeryRequest) -> tuple[PlannedSurgery, ModelFacts]:
     """The surgery stage's checks, before any value is read: its plan from the sources'
     headers (arguments against the models: layers, markers, tokenizers, vocabularies...).
-    Returns what the stages after it need to know of its output."""
-    from lmexpand.checkpoint.sources import open_source
+    Returns the plan, which the run executes, and what the stages after it need to know of
+    its output."""
+    from lmexpand.stages.surgery import plan_surgery
 
-    assert job.surgery is not None
-    method, cfg, sources, _ = job.surgery
-    readers = [open_source(x, allow_pickle=job.surgery_allow_pickle) for x in sources]
+    method, cfg = request.method, request.config
     try:
-        try:
-            plan = method.checked_plan(readers, cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{job.path}: surgery ({method.name}): "
-                              + recipe_keys(str(e), cfg.model_fields, "surgery.args.")) from None
-        for r in plan.readers or []:
-            if r not in readers:
-                r.close()
-    finally:
-        for r in readers:
-            r.close()
+        planned = plan_surgery(request)  # its readers stay open for the run (a pickle's are loaded)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: surgery ({method.name}): "
+                          + recipe_keys(str(e), cfg.model_fields, "surgery.args.")) from None
+    plan = planned.plan
     source = str(plan.sources[plan.carry_from])
-    return ModelFacts(dict(plan.config), frozenset(t.name for t in plan.tensors), tuple(plan.new_parameters),
-                      f"the surgery's output ({method.name})", source=source, tokenizer_dir=source)
+    return planned, ModelFacts(dict(plan.config), frozenset(t.name for t in plan.tensors), tuple(plan.new_parameters),
+                               f"the surgery's output ({method.name})", source=source, tokenizer_dir=source)
+
+
+def preflight_merge(where: str, cfg: Any, request: MergeRequest) -> tuple[PreparedMerge, ModelFacts]:
+    """A merge's checks, before any value is read: its configuration and models, and its
+    plan (a greedy soup's candidates are checked and its output described by the uniform
+    merge of them all: the same config and tensors whichever it keeps)."""
+    from dataclasses import replace
+
+    from lmexpand.checkpoint.verify import require_structure
+    from lmexpand.expand.merging.planner import plan_merge, resolve_device
+    from lmexpand.stages.merge import prepare_merge
+
+    try:
+        request = replace(request, device=resolve_device(cfg.device, "device:"))
+        prepared = prepare_merge(request, check_out=False)  # the outputs are checked together, by _check_job
+        if prepared.is_soup:
+            from lmexpand.expand.merging.soup import uniform_merge
+
+            from lmexpand.stages.merge import perplexity_scorer
+
+            plan = plan_merge(uniform_merge(prepared.resolved, prepared.where), prepared.where)
+            source = str(prepared.resolved.readers[0].path)
+            perplexity_scorer(request.eval_data, request.eval_tokens, Path(source))  # enough text, now
+        else:
+            plan = prepared.plan
+            for reader in plan.readers:  # as every surgery's plan is checked (SurgeryMethod.checked_plan)
+                require_structure(reader)
+            source = str(plan.sources[plan.carry_from])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: surgery (merge): " + recipe_keys(str(e), cfg.model_fields, "surgery.args.")
+                          .replace("--eval-data FILE", "surgery.eval_data: FILE (held-out .txt or .jsonl text)")
+                          .replace("--eval-data", "surgery.eval_data")) from None
+    return prepared, ModelFacts(dict(plan.config), frozenset(t.name for t in plan.tensors),
+                                tuple(plan.new_parameters), "the surgery's output (merge)", source=source,
+                                tokenizer_dir=source)
 
 
 def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
@@ -425,9 +502,10 @@ def _check_job(job: Job, source_model: str | None) -> None:
     inputs: list[tuple[str, Path]] = [("recipe", job.path)]
     outputs: list[tuple[str, Path, bool]] = []  # (key, path, replaced when the stage runs)
     if job.surgery is not None:
-        _, _, sources, out = job.surgery
-        inputs += [("surgery.source", resolve_source(x)) for x in sources]
-        outputs.append(("surgery.out", out, True))
+        inputs += [("surgery.source", resolve_source(x)) for x in job.surgery.sources]
+        if job.surgery.eval_data:
+            inputs.append(("surgery.eval_data", Path(job.surgery.eval_data)))
+        outputs.append(("surgery.out", job.surgery.out, True))
     n = len(job.train_stages)
     for i, stage in enumerate(job.train_stages):
         inputs += [(f"{_stage_key(i, n)}.data", d.path) for d in stage.data]
@@ -435,12 +513,12 @@ def _check_job(job: Job, source_model: str | None) -> None:
             inputs.append(("train.model", resolve_source(stage.model)))
         outputs.append((f"{_stage_key(i, n)}.out", stage.out, True))
     if job.eval is not None:
-        inputs += [(f"eval.data.{k}", Path(v)) for k, v in job.eval.data.items()]
-        if job.eval.base:
-            inputs.append(("eval.base", resolve_source(job.eval.base)))
-        outputs.append(("eval.out", job.eval_out, False))
+        inputs += [(f"eval.data.{k}", Path(v)) for k, v in job.eval.section.data.items()]
+        if job.eval.section.base:
+            inputs.append(("eval.base", resolve_source(job.eval.section.base)))
+        outputs.append(("eval.out", job.eval.out, False))
     if job.export is not None:
-        outputs.append(("export.out", job.export_out, True))
+        outputs.append(("export.out", job.export.out, True))
     for i, (key, out, replaces) in enumerate(outputs):
         others = [(k, p) for j, (k, p, _) in enumerate(outputs) if j != i]
         check_output(out, inputs=[*inputs, *others], force=True, replaces=replaces, label=key, where=where)
@@ -454,7 +532,7 @@ def _check_job(job: Job, source_model: str | None) -> None:
         preflight_train(where, _stage_key(i, n), stage, model_facts)
         model_facts = model_facts.after_training(_stage_key(i, n))
     if job.eval is not None and model_facts is not None:
-        preflight_eval(where, job.eval, model_facts)
+        preflight_eval(where, job.eval.section, model_facts)
     model = source_model if job.surgery is not None else (str(job.train.model) if job.train is not None else None)
     if model is not None:
         model_dir = resolve_source(model)
@@ -469,7 +547,7 @@ def _check_job(job: Job, source_model: str | None) -> None:
                     resolve_chat_template(tokenizer, stage.chat_template, model)
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {_stage_key(i, n)}: {e}") from None
-        seq_lens += [("eval.seq_len", job.eval.seq_len)] if job.eval is not None else []
+        seq_lens += [("eval.seq_len", job.eval.section.seq_len)] if job.eval is not None else []
         cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
         max_pos = cfg.get("max_position_embeddings")
         for key, n in seq_lens:
@@ -539,28 +617,16 @@ class _workdir_lock:
 
 def _run_stages(job: Job) -> dict[str, str]:
     from lmexpand.checkpoint.reader import CheckpointReader
-    from lmexpand.checkpoint.sources import open_source, resolve_source
+    from lmexpand.checkpoint.sources import resolve_source
 
     outputs: dict[str, str] = {}
     upstream = ""
     if job.surgery is not None:
-        method, cfg, sources, out = job.surgery
-        readers = [open_source(x, allow_pickle=job.surgery_allow_pickle) for x in sources]
-        plan = method.checked_plan(readers, cfg)  # headers only: cheap, and it names every source read
-        fp = _digest("surgery", method.name, cfg.model_dump(mode="json"),
-                     [r.fingerprint()["sha256"] for r in (plan.readers or readers)])
-        if _done(job, "surgery", fp, out):
-            log.info("surgery: up to date (%s), skipped", out)
-        else:
-            from lmexpand.expand.executor import execute
-
-            execute(plan, out, force=True, readers=readers)
-            _mark(job, "surgery", fp, out)
-        outputs["surgery"], upstream = str(out), fp
+        outputs["surgery"], upstream = str(job.surgery.out), _run_surgery_stage(job, job.surgery)
         kill_point("run:after-surgery")
     for i, cfg in enumerate(job.train_stages):
+        from lmexpand.stages.train import run_training
         from lmexpand.train.data import fingerprint_sources
-        from lmexpand.train.loop import train
 
         stage = _stage_key(i, len(job.train_stages))
         model_fp = upstream or CheckpointReader(resolve_source(cfg.model)).fingerprint()["sha256"]
@@ -577,7 +643,7 @@ def _run_stages(job: Job) -> dict[str, str]:
             if resume:
                 log.info("%s: resuming the interrupted run in %s", stage, cfg.out)
             _mark(job, stage, fp, final, state="started")
-            train(cfg, resume=resume, force=not resume)
+            run_training(cfg, resume=resume, force=not resume)
             _mark(job, stage, fp, final)
         outputs[stage], upstream = str(final), fp
         kill_point("run:after-train")
@@ -586,9 +652,9 @@ def _run_stages(job: Job) -> dict[str, str]:
     model_dir = Path(outputs.get("train") or outputs["surgery"])
     if job.eval is not None:
         from lmexpand.eval.perplexity import TextSet
-        from lmexpand.eval.report import run_eval
+        from lmexpand.stages.evaluate import EvalRequest, run_evaluation
 
-        ev, out = job.eval, job.eval_out
+        ev, out = job.eval.section, job.eval.out
         fp = _digest("eval", ev.model_dump(), upstream)
         if _done(job, "eval", fp, out / "results.json"):
             log.info("eval: up to date (%s), skipped", out)
@@ -598,23 +664,49 @@ def _run_stages(job: Job) -> dict[str, str]:
             compare += [(_stage_key(i, len(job.train_stages)), outputs[_stage_key(i, len(job.train_stages))])
                         for i in range(len(job.train_stages) - 1)]  # every stage before the last
             spec = str(Path(outputs["train"]).parent) if "train" in outputs else str(model_dir)
-            run_eval(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
-                     seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples, allow_pickle=ev.allow_pickle,
-                     force=True)
+            run_evaluation(EvalRequest(spec, sets, out, base=ev.base, compare=compare, max_tokens=ev.max_tokens,
+                                       seq_len=ev.seq_len, stride=ev.stride, samples=ev.samples,
+                                       allow_pickle=ev.allow_pickle, force=True))
             _mark(job, "eval", fp, out / "results.json")
         outputs["eval"] = str(out / "report.md")
         upstream = _digest(upstream, fp)
     if job.export is not None:
-        from lmexpand.export import export_model
-        from lmexpand.units import parse_size
+        from lmexpand.stages.export import run_export
 
-        out = job.export_out
-        fp = _digest("export", job.export.model_dump(), upstream)
+        out = job.export.out
+        fp = _digest("export", job.export.section.model_dump(), upstream)
         if _done(job, "export", fp, out):
             log.info("export: up to date (%s), skipped", out)
         else:
-            export_model(model_dir, out, force=True, eval_dir=job.eval_out if job.eval is not None else None,
-                         max_shard_size=parse_size(job.export.max_shard_size, "export.max_shard_size"))
+            run_export(model_dir, out, eval_dir=job.eval.out if job.eval is not None else None,
+                       max_shard_size=job.export.section.max_shard_size, force=True, size_key="export.max_shard_size")
             _mark(job, "export", fp, out)
         outputs["export"] = str(out)
     return outputs
+
+
+def _run_surgery_stage(job: Job, stage: SurgeryStage) -> str:
+    """Run the surgery from the plan :func:`load_job` made, unless it is up to date; returns
+    its fingerprint (the settings, every source read, a soup's held-out text)."""
+    from lmexpand.stages.merge import run_merge
+    from lmexpand.stages.surgery import run_surgery
+
+    planned = stage.planned
+    if isinstance(planned, PreparedMerge):  # a soup: its candidates; else every model the plan reads
+        readers = planned.resolved.readers if planned.is_soup else planned.plan.readers
+    else:
+        readers = planned.fingerprint_readers()
+    parts: list[Any] = ["surgery", stage.method, stage.config.model_dump(mode="json"),
+                        [r.fingerprint()["sha256"] for r in readers]]
+    if stage.eval_data:
+        parts.append([hashlib.sha256(Path(stage.eval_data).read_bytes()).hexdigest(), planned.request.eval_tokens])
+    fp = _digest(*parts)
+    if _done(job, "surgery", fp, stage.out):
+        log.info("surgery: up to date (%s), skipped", stage.out)
+    else:
+        if isinstance(planned, PreparedMerge):
+            run_merge(planned.request, planned)
+        else:
+            run_surgery(planned.request, planned)
+        _mark(job, "surgery", fp, stage.out)
+    return fp

@@ -923,6 +923,15 @@ CASES: list[Case] = [
          lambda c: ["run", _recipe(c, "chk-eval-field", {
              "surgery": {"method": "llama-pro", "source": str(c.tiny), "args": {"add": 1}},
              "eval": {"data": {"math": str(c.data)}}}), "--check"], ("eval.data.math", "eval.text_field")),
+    Case("run-check-soup-no-eval-data", "a recipe's greedy soup without held-out text to rank its candidates",
+         lambda c: ["run", _recipe(c, "chk-soup", {"surgery": {"method": "merge", "args": {"config": str(_merge(
+             c, "m-soup", {"merge_method": "greedy_soup",
+                           "models": [{"model": str(c.tiny)}, {"model": str(c.model_copy("soup-b"))}]}))}}}),
+                    "--check"], ("surgery.eval_data", "greedy_soup")),
+    Case("run-check-eval-data-not-merge", "a recipe's surgery.eval_data on a method that reads no held-out text",
+         lambda c: ["run", _recipe(c, "chk-eval-data", {"surgery": {
+             "method": "llama-pro", "source": str(c.tiny), "args": {"add": 1}, "eval_data": str(c.data)}}), "--check"],
+         ("surgery.eval_data", "Remove it")),
     Case("merge-too-many-layers", "a passthrough merge past the layer limit",
          lambda c: ["merge", _merge(c, "m-layers", {"merge_method": "passthrough", "slices": [
              {"sources": [{"model": str(c.tiny), "layer_range": [0, 4]}]} for _ in range(2600)]}), c.out, "--dry-run"],

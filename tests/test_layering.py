@@ -1,5 +1,6 @@
-"""The layers import one way only: cli -> recipe -> expand, compose, train, eval, export ->
-checkpoint; the shared helpers (errors, progress, units, ...) import none of the layers.
+"""The layers import one way only: cli -> recipe -> stages -> expand, compose, train, eval,
+export -> checkpoint; the shared helpers (errors, progress, units, ...) import none of the
+layers; nothing imports cli but ``python -m lmexpand`` (``__main__``).
 
 Read from the source (every ``import`` statement, at module level or inside a function), so a
 late import inside a function counts as much as one at the top.
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "lmexpand"
-RANK = {"__main__": 4, "cli": 3, "recipe": 2,
+RANK = {"__main__": 4, "cli": 3,
+        # the orchestration: a recipe's job runs its stages through the stage functions the
+        # single commands call too
+        "recipe": 2, "stages": 1.5,
         "expand": 1, "train": 1, "eval": 1, "export": 1,
         # the run-time models of composed kinds: train, eval and export load them; they use
         # only the checkpoint layer
@@ -69,6 +73,15 @@ def test_checkpoint_imports_no_other_layer():
     for path in (PKG / "checkpoint").rglob("*.py"):
         for line, module in _imports(path):
             assert _layer(module) not in RANK or _layer(module) == "checkpoint", f"{path.name}:{line} imports {module}"
+
+
+def test_nothing_imports_cli():
+    """The CLI only parses, calls one stage function and prints: no module needs it."""
+    for path in PKG.rglob("*.py"):
+        if path.relative_to(PKG).parts in (("cli.py",), ("__main__.py",)):
+            continue
+        for line, module in _imports(path):
+            assert _layer(module) != "cli", f"{path.relative_to(PKG.parent)}:{line} imports {module}"
 
 
 def test_the_check_sees_a_late_import(tmp_path, monkeypatch):

@@ -776,6 +776,55 @@ def test_greedy_soup_keeps_only_what_helps(merge_root, tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_recipe_greedy_soup(merge_root, tmp_path, capsys):
+    """A recipe runs the greedy soup through the same merge stage as `lmexpand merge
+    --eval-data`: the same bytes and record; surgery.eval_data is checked with the recipe,
+    before anything is scored."""
+    import torch
+
+    m = _variants(merge_root, "llama", "float32")
+    data = ROOT / "recipes" / "data" / "openstax-sample" / "valid.txt"
+    cfg = {"merge_method": "greedy_soup", "models": [{"model": str(m["a"])}, {"model": str(m["b"])}]}
+    recipe = tmp_path / "soup.yaml"
+    section = {"method": "merge", "args": {"config": cfg}, "eval_data": str(data), "eval_tokens": 256}
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "surgery": section}))
+    assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
+    assert "greedy soup: " in capsys.readouterr().err
+    ref = tmp_path / "ref"
+    assert main(["merge", str(_write(tmp_path, cfg)), str(ref), "--eval-data", str(data), "--eval-tokens", "256"]) == 0
+    out = tmp_path / "w" / "expanded"
+    rec = json.loads((out / "lmexpand.json").read_text())["merge"]["greedy_soup"]
+    assert rec == json.loads((ref / "lmexpand.json").read_text())["merge"]["greedy_soup"]
+    a, b = _tensors(out), _tensors(ref)
+    assert a.keys() == b.keys() and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    assert main(["run", str(recipe)]) == 0 and "surgery: up to date" in capsys.readouterr().err
+    # without held-out text, or with it for another method: refused, naming the key
+    for name, bad in [("no-data", {k: v for k, v in section.items() if k != "eval_data"}),
+                      ("pro", {"method": "llama-pro", "source": str(m["a"]), "args": {"add": 1},
+                               "eval_data": str(data)})]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"workdir": str(tmp_path / name), "surgery": bad}))
+        assert main(["run", str(path), "--check"]) == 2
+        assert "surgery.eval_data" in capsys.readouterr().err
+
+
+def test_recipe_plans_a_merge_once(merge_root, tmp_path, monkeypatch):
+    """`lmexpand run` plans its merge once, when the recipe is loaded (the plan names the
+    eval base and the output's tensors), and the run writes from that plan."""
+    from lmexpand.expand.merging import planner
+
+    m = _variants(merge_root, "llama", "bfloat16")
+    cfg, _ = _configs(m)["linear"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "surgery": {"method": "merge",
+                                                                                   "args": {"config": cfg}}}))
+    calls = []
+    real = planner.plan_merge
+    monkeypatch.setattr(planner, "plan_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["run", str(recipe)]) == 0
+    assert len(calls) == 1 and (tmp_path / "w" / "expanded" / "lmexpand.json").is_file()
+
+
 # -- LoRA extraction ---------------------------------------------------------------------------
 def _low_rank_fine_tune(base: Path, out: Path, rank: int) -> Path:
     """BASE + a random rank-``rank`` change on every linear projection of the layers, a

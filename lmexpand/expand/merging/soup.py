@@ -8,8 +8,9 @@
    were scored (each trial is the same merge op the streaming executor runs).
 
 The configuration is mergekit-style: ``merge_method: greedy_soup`` with ``models:`` (the
-candidates, no parameters). The scorer comes from the caller (the CLI uses lmexpand's
-perplexity), so this module does not depend on evaluation code.
+candidates, no parameters). The scorer comes from the caller (the merge stage,
+:mod:`lmexpand.stages.merge`, uses lmexpand's perplexity), so this module does not depend on
+evaluation code.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def soup_inputs(resolved: Resolved, where: str) -> Resolved:
     linear = _uniform(resolved, resolved.models, where)
     plan_merge(linear, where)  # families, shapes, vocabularies: refused before anything is scored
     return resolved
+
+
+def uniform_merge(resolved: Resolved, where: str) -> Resolved:
+    """The uniform linear merge of every candidate: the config and tensors of any soup of
+    them, known before a candidate is scored."""
+    return _uniform(resolved, resolved.models, where)
 
 
 def _uniform(resolved: Resolved, refs: list[str], where: str) -> Resolved:
