@@ -36,7 +36,7 @@ def verify_shards(model_dir: Path, shards: dict[str, dict[str, Any]] | None = No
     """Problems with the recorded shard hashes of ``model_dir`` (empty: all match, or none
     recorded). Checks sizes first (free), then sha256 of every recorded file. ``shards``:
     the record, when the caller has already read it."""
-    from lmexpand.checkpoint.writer import sha256_file
+    from lmexpand.checkpoint.hashing import sha256_file
 
     model_dir = Path(model_dir)
     shards = recorded_shards(model_dir) if shards is None else shards
