@@ -44,7 +44,7 @@ def shard_segments(header: bytes, slots: Sequence[TensorSlot], producers: Mappin
         producer = producers[slot.name]
         if isinstance(producer, RawCopy) and producer.info.offset >= 0:
             segments.append(Segment("source", slot.nbytes, path=producer.info.file, offset=producer.info.offset,
-                                     name=slot.name, dtype=slot.dtype))
+                                    name=slot.name, dtype=slot.dtype))
         elif isinstance(producer, Zeros):
             segments.append(Segment("zeros", slot.nbytes))
         else:

@@ -35,7 +35,7 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int,
-                progress: Callable[[], None] = lambda: None) -> None:
+               progress: Callable[[], None] = lambda: None) -> None:
     """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position, calling
     ``progress`` after every step of at most 64 MB (the hasher and the writeback follow)."""
     remaining = count
