@@ -1,7 +1,8 @@
 """Reading and writing checkpoints, model sources and architecture families.
 
-This package imports nothing else from lmexpand (but errors, units and progress), and
-nothing heavy at import time: torch is imported only where tensor values are touched.
+This package imports nothing else from lmexpand (but the shared helpers: errors, faults,
+jsonio, progress and units), and nothing heavy at import time: torch is imported only
+where tensor values are touched.
 """
 
 from lmexpand.checkpoint.families import FAMILIES, Family, detect_family

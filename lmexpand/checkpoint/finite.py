@@ -11,9 +11,11 @@ in the CPU cache (bf16 included, which numpy has no type for).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable
 
 from lmexpand.checkpoint.safetensors_format import TensorInfo
+from lmexpand.errors import CheckpointError
 
 # safetensors dtype -> (bytes per value, the exponent mask: all ones = NaN/Inf)
 EXPONENT_MASKS: dict[str, tuple[int, int]] = {
@@ -122,3 +124,13 @@ def describe(found: list[tuple[str, int, int]], shown: int = 3) -> str:
     parts = [f"{name} ({bad:,} of {numel:,} values)" for name, bad, numel in found[:shown]]
     more = f" and {len(found) - shown:,} more tensor(s)" if len(found) > shown else ""
     return ", ".join(parts) + more
+
+
+def non_finite_error(name: str, bad: int, numel: int, origin: str, model: Path | None = None) -> CheckpointError:
+    """The one message for NaN/Inf met while writing: the tensor, where its values came
+    from, that nothing was written, and what to check."""
+    return CheckpointError(
+        f"{name} ({origin}): {bad:,} of {numel:,} values are NaN/Inf. lmexpand never writes non-finite values, so "
+        "nothing was written (the partial output was removed; the inputs are untouched). Find every such tensor "
+        f"with `lmexpand verify {model or 'MODEL'} --values all` and use a model without them (a checkpoint saved "
+        "after training diverged, or a damaged file).")

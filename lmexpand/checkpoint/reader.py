@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -19,6 +18,7 @@ from lmexpand.checkpoint.families import Family, detect_family
 from lmexpand.checkpoint.limits import check_config_sizes
 from lmexpand.checkpoint.safetensors_format import TensorInfo, read_header
 from lmexpand.errors import CheckpointError, SourceError
+from lmexpand.jsonio import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -60,10 +60,8 @@ def st_dtype_of(tensor: "torch.Tensor") -> str:
 
 
 def _load_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: cannot read {what} ({e}). Fix or re-download the file.") from None
+    """A JSON file of the model directory; a damaged one is the source's problem."""
+    return read_json(path, what=what, fix="Fix or re-download the file.", error=SourceError)
 
 
 def _plain_name(name: Any) -> bool:

@@ -11,7 +11,6 @@ request) hold no NaN or Inf.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,15 +18,14 @@ from typing import Any, Mapping
 from lmexpand.checkpoint.limits import SIZE_LIMITS, check_config_sizes
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader
 from lmexpand.errors import CheckpointError
+from lmexpand.jsonio import read_json
 
 def recorded_shards(model_dir: Path) -> dict[str, dict[str, Any]] | None:
     path = Path(model_dir) / LINEAGE_FILE
     if not path.is_file():
         return None
-    try:
-        lineage = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e}); the lineage file is damaged.") from None
+    lineage = read_json(path, what="the lineage file", error=CheckpointError,
+                        fix="It is damaged: restore it or re-run the step that wrote it.")
     shards = lineage.get("shards") if isinstance(lineage, dict) else None
     return shards if isinstance(shards, dict) else None
 
@@ -36,7 +34,7 @@ def verify_shards(model_dir: Path, shards: dict[str, dict[str, Any]] | None = No
     """Problems with the recorded shard hashes of ``model_dir`` (empty: all match, or none
     recorded). Checks sizes first (free), then sha256 of every recorded file. ``shards``:
     the record, when the caller has already read it."""
-    from lmexpand.checkpoint.writer import sha256_file
+    from lmexpand.checkpoint.hashing import sha256_file
 
     model_dir = Path(model_dir)
     shards = recorded_shards(model_dir) if shards is None else shards

@@ -25,6 +25,7 @@ from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import NewInit, Plan, TensorPlan, Zeros
 from lmexpand.expand.registry import MethodConfig, register_method
+from lmexpand.jsonio import read_json
 
 _PAIRS = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
@@ -95,10 +96,8 @@ def _vocab(reader: CheckpointReader) -> tuple[Any, ...] | None:
     path = reader.path / "tokenizer.json"
     if not path.is_file():
         return None
-    try:
-        tok = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable tokenizer ({e}).") from None
+    tok = read_json(path, what="the tokenizer", expect=dict, error=ConfigError,
+                    fix="Fix or re-download the model's tokenizer.json.")
     vocab = (tok.get("model") or {}).get("vocab")
     added = sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or [])
     return (json.dumps(vocab, sort_keys=True), tuple(added))

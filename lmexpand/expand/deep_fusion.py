@@ -17,7 +17,6 @@ processed by the original weights. A vision encoder is out of scope: the token t
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Sequence
 
 from pydantic import Field, field_validator
@@ -25,10 +24,9 @@ from pydantic import Field, field_validator
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import load_tokenizer
 from lmexpand.errors import ConfigError
+from lmexpand.expand.layer_spec import parse_layer_spec, select_layers
 from lmexpand.expand.plan import Plan, Read, TensorPlan
 from lmexpand.expand.registry import MethodConfig, comma_list, register_method
-
-_LAYERS = re.compile(r"^(all|every:\d+|\d+(,\d+)*)$")
 
 
 class DeepFusionMethodConfig(MethodConfig):
@@ -42,30 +40,12 @@ class DeepFusionMethodConfig(MethodConfig):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: str) -> str:
-        v = v.replace(" ", "")
-        if not _LAYERS.match(v):
-            raise ValueError(f"{v!r}: give all, every:N, or comma-separated layer indices")
-        return v
+        return parse_layer_spec(v, "give all, every:N, or comma-separated layer indices")
 
     @field_validator("parts", mode="before")
     @classmethod
     def _parts(cls, v):
         return comma_list(v, "attn, mlp or attn,mlp")
-
-
-def resolve_layers(spec: str, n: int) -> list[int]:
-    if spec == "all":
-        return list(range(n))
-    if spec.startswith("every:"):
-        k = int(spec.split(":")[1])
-        if not 1 <= k <= n:
-            raise ConfigError(f"--layers {spec}: N must be 1..{n} (the model has {n} layers).")
-        return list(range(k - 1, n, k))
-    layers = sorted({int(x) for x in spec.split(",")})
-    bad = [i for i in layers if i >= n]
-    if bad:
-        raise ConfigError(f"--layers {spec}: layer {bad[0]} is out of range; the model has {n} layers (0..{n - 1}).")
-    return layers
 
 
 def marker_ids(tokenizer, marker: str, flag: str) -> list[int]:
@@ -109,7 +89,7 @@ def plan_deep_fusion(readers: Sequence[CheckpointReader], cfg: DeepFusionMethodC
     if close_ids is not None and set(open_ids) & set(close_ids):
         raise ConfigError(f"--open {cfg.open!r} and --close {cfg.close!r} share token ids; give one marker to toggle, "
                           "or two different ones.")
-    layers = resolve_layers(cfg.layers, src.num_layers)
+    layers = select_layers(cfg.layers, src.num_layers, name=f"--layers {cfg.layers}", every_within_model=True)
     projections = []
     if "attn" in cfg.parts:
         projections += [n[:-len(".weight")] for n in fam.layer_tensors

@@ -31,7 +31,6 @@ See ../shared/notes/moe-stock-targets.md for how these targets were found.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
@@ -40,12 +39,11 @@ from lmexpand.checkpoint.families import Family
 from lmexpand.checkpoint.limits import MAX_EXPERTS
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.errors import ConfigError
+from lmexpand.expand.layer_spec import parse_layer_spec, select_layers
 from lmexpand.expand.plan import Concat, Const, NewInit, Noise, Op, Plan, Read, Slice, Stack, TensorPlan, Zeros
 from lmexpand.expand.registry import MethodConfig, comma_list, names_matching, register_method
 
 log = logging.getLogger("lmexpand")
-
-_LAYERS_TEXT = re.compile(r"^(all|every:\d+|\d+(,\d+)*)$")
 
 # a few fixed, varied prompts for router_init=hidden (no data file needed)
 HIDDEN_PROMPTS = (
@@ -100,12 +98,8 @@ class MoeConfig(MethodConfig):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: str) -> str:
-        v = v.replace(" ", "")
-        if not _LAYERS_TEXT.match(v):
-            raise ValueError(f"{v!r}: write 'all', 'every:N' or a list of 0-based layer indices like 3,4,5")
-        if v.startswith("every:") and int(v[6:]) < 1:
-            raise ValueError("every:N needs N >= 1")
-        return v
+        return parse_layer_spec(v, "write 'all', 'every:N' or a list of 0-based layer indices like 3,4,5",
+                                every_zero="every:N needs N >= 1")
 
     @field_validator("trainable", mode="before")
     @classmethod
@@ -161,19 +155,6 @@ class MoeConfig(MethodConfig):
             return (self.segments - self.shared) * self.replicas
         assert self.experts is not None
         return self.experts
-
-
-def chosen_layers(spec: str, num_layers: int) -> list[int]:
-    if spec == "all":
-        return list(range(num_layers))
-    if spec.startswith("every:"):
-        n = int(spec[6:])
-        return [i for i in range(num_layers) if i % n == n - 1]
-    layers = sorted({int(x) for x in spec.split(",")})
-    bad = [i for i in layers if i >= num_layers]
-    if bad:
-        raise ConfigError(f"--layers: layer {bad[0]} is out of range; the model has {num_layers} layers (0..{num_layers - 1}).")
-    return layers
 
 
 def _target(family: Family, cfg: MoeConfig, layers: list[int], num_layers: int, reader: CheckpointReader) -> str:
@@ -326,7 +307,7 @@ def plan_moe(readers: Sequence[CheckpointReader], cfg: MoeConfig) -> Plan:
     family = reader.family
     assert family is not None
     L = reader.num_layers
-    layers = chosen_layers(cfg.layers, L)
+    layers = select_layers(cfg.layers, L, name="--layers")
     inter = int(reader.config["intermediate_size"])
     if cfg.fine_grained:
         assert cfg.segments is not None

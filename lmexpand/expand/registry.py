@@ -92,7 +92,7 @@ def register_method(name: str, *, config: type[MethodConfig], summary: str, help
     return decorate
 
 
-_INFRASTRUCTURE = {"plan", "executor", "registry"}
+_INFRASTRUCTURE = {"plan", "executor", "registry", "layer_spec"}
 _loaded = False
 
 

@@ -37,7 +37,7 @@ class TrainState:
 
 def clean_stale_checkpoint_partials(run_dir: Path) -> None:
     """Remove the half-written checkpoints of killed runs (their process is gone)."""
-    from lmexpand.checkpoint.writer import left_by_dead_process
+    from lmexpand.checkpoint.outpath import left_by_dead_process
 
     for p in checkpoint_dir(run_dir).glob(".step-*.partial-*"):
         if left_by_dead_process(p):
@@ -93,7 +93,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng(tmp)
         kill_point("train:checkpoint-files-written")
-        from lmexpand.checkpoint.writer import sha256_file
+        from lmexpand.checkpoint.hashing import sha256_file
 
         hashes = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / "state.json").write_text(json.dumps({**asdict(state), "sha256": hashes}, indent=2))
@@ -128,7 +128,7 @@ def load_checkpoint(path: Path, state: TrainState, trainable: dict[str, torch.Te
             f"{path}/state.json: not a training state this lmexpand wrote ({e}). Resume from another checkpoint "
             "(--resume RUN/checkpoints/step-N) or start a new run directory."
         ) from None
-    from lmexpand.checkpoint.writer import sha256_file
+    from lmexpand.checkpoint.hashing import sha256_file
 
     for name, digest in hashes.items():
         if not (path / name).is_file() or sha256_file(path / name) != digest:

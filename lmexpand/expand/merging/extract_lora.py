@@ -58,7 +58,7 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
 
     from lmexpand.checkpoint.reader import CheckpointReader
     from lmexpand.checkpoint.sources import resolve_source
-    from lmexpand.checkpoint.writer import check_output
+    from lmexpand.checkpoint.outpath import check_output
 
     tuned_path, base_path = resolve_source(tuned), resolve_source(base)
     out = Path(out)

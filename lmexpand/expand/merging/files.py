@@ -7,8 +7,9 @@ import json
 from collections import Counter
 from typing import Optional
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, SourceError
 from lmexpand.expand.plan import Plan
+from lmexpand.jsonio import read_json
 
 # mergekit ships named templates; the one nearly every merge uses is written here.
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -61,7 +62,9 @@ def add_files(plan: Plan, resolved, where: str) -> None:
             cfg = resolved.readers[plan.carry_from].path / "tokenizer_config.json"
             own = plan.files.get("tokenizer_config.json")  # a built vocabulary's own tokenizer
             if own is not None or (plan.carry_tokenizer and cfg.is_file()):
-                doc = json.loads(own if own is not None else cfg.read_text(encoding="utf-8"))
+                doc = json.loads(own) if own is not None else read_json(
+                    cfg, what="the tokenizer config", expect=dict, error=SourceError,
+                    fix="Fix or re-download the model's tokenizer_config.json.")
                 if "chat_template" in doc:
                     doc["chat_template"] = template
                     plan.files["tokenizer_config.json"] = (json.dumps(doc, indent=2) + "\n").encode()
