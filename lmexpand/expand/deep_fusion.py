@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import load_tokenizer
+from lmexpand.compose.kinds.deep_fusion import KIND
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan, Read, TensorPlan
 from lmexpand.expand.registry import MethodConfig, comma_list, register_method
@@ -125,8 +126,8 @@ def plan_deep_fusion(readers: Sequence[CheckpointReader], cfg: DeepFusionMethodC
                     info = src.info(name)
                     tensors.append(TensorPlan(f"experts.{i}.{proj}.{leaf}", info.dtype, tuple(info.shape), Read(name)))
     config = {
-        "model_type": "lmexpand_deep_fusion",
-        "architectures": ["DeepFusionForCausalLM"],
+        "model_type": KIND.model_type,
+        "architectures": [KIND.model_class],
         "source": dict(src.config),
         "source_path": str(src.path.resolve()),
         "open_ids": open_ids,
