@@ -73,6 +73,35 @@ def test_the_registry_is_complete_and_every_kind_has_an_example():
     assert sorted(EXAMPLES) == KIND_IDS, "EXAMPLES must name exactly the registered kinds"
 
 
+def test_a_kind_is_one_declaration_file(tmp_path, monkeypatch):
+    """The registry finds a declaration file by itself (no list to edit), refuses a model_type
+    declared twice and a file that declares nothing."""
+    import importlib
+    import sys
+
+    from lmexpand.compose.kinds import _discover
+
+    calm = (PKG / "compose" / "kinds" / "calm.py").read_text()
+    package = tmp_path / "fake_kinds"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mine.py").write_text(calm.replace('model_type="lmexpand_calm"', 'model_type="lmexpand_mine"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_kinds", raising=False)
+    importlib.invalidate_caches()
+    found = _discover([str(package)], "fake_kinds")
+    assert list(found) == ["lmexpand_mine"] and found["lmexpand_mine"].model_class == "CalmForCausalLM"
+    (package / "twice.py").write_text(calm.replace('model_type="lmexpand_calm"', 'model_type="lmexpand_mine"'))
+    with pytest.raises(ValueError, match="declared twice"):
+        _discover([str(package)], "fake_kinds")
+    (package / "twice.py").unlink()
+    (package / "nothing.py").write_text("X = 1\n")
+    with pytest.raises(TypeError, match="declares no composed kind"):
+        _discover([str(package)], "fake_kinds")
+    for name in ("fake_kinds.mine", "fake_kinds.twice", "fake_kinds.nothing"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
 @pytest.mark.parametrize("model_type", KIND_IDS)
 def test_declaration_matches_its_modeling_file_and_surgeries(model_type):
     from transformers import AutoConfig

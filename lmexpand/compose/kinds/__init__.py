@@ -40,14 +40,14 @@ from lmexpand.compose.kinds.declaration import ComposedKind
 _INFRASTRUCTURE = {"declaration"}
 
 
-def _discover() -> dict[str, ComposedKind]:
-    """Every declaration file of this package, by model_type; a model_type declared twice,
-    or a file without its ``KIND``, is a programming error raised at import."""
+def _discover(path: list[str] = __path__, package: str = __name__) -> dict[str, ComposedKind]:
+    """Every declaration file of the package (this one), by model_type; a model_type declared
+    twice, or a file without its ``KIND``, is a programming error raised at import."""
     table: dict[str, ComposedKind] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
         if info.name in _INFRASTRUCTURE or info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+        module = importlib.import_module(f"{package}.{info.name}")
         kind = getattr(module, "KIND", None)
         if not isinstance(kind, ComposedKind):
             raise TypeError(f"{module.__name__} declares no composed kind (KIND = ComposedKind(...))")
