@@ -33,6 +33,7 @@ import importlib
 import json
 import pkgutil
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from lmexpand.compose.kinds.declaration import ComposedKind
@@ -57,8 +58,8 @@ def _discover(path: list[str] = __path__, package: str = __name__) -> dict[str, 
     return table
 
 
-KINDS: Mapping[str, ComposedKind] = _discover()
-"""model_type -> its declaration, for every composed kind."""
+KINDS: Mapping[str, ComposedKind] = MappingProxyType(_discover())
+"""model_type -> its declaration, for every composed kind (read-only: a kind is declared by its file)."""
 
 
 def composed_kind(config: Mapping[str, Any]) -> ComposedKind | None:
