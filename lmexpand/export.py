@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from lmexpand.checkpoint.reader import LINEAGE_FILE, CheckpointReader
-from lmexpand.checkpoint.safetensors_format import TensorSlot
-from lmexpand.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, RawCopy, unchanged_tensor, write_checkpoint
+from lmexpand.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, unchanged_tensor, write_checkpoint
 from lmexpand.errors import ConfigError
 
 PRIVATE_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "_commit_hash", "lmexpand")
@@ -115,7 +113,9 @@ def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval
     files: dict[str, bytes | Path] = {p.name: p for p in reader.carry_files()}
     remote_code = is_composed(model_dir)  # members referenced or already inside: the modeling file ships
     if remote_code:
-        more, modeling_file = _composed_sources(model_dir, config, readers)
+        from lmexpand.compose.exporting import self_contained_sources
+
+        more, modeling_file = self_contained_sources(model_dir, config, readers)
         outputs += more
         files[modeling_file.name] = modeling_file.path
     n_params = sum(math.prod(o.slot.shape) for o in outputs)
@@ -129,65 +129,3 @@ def export_model(spec: str | Path, out: str | Path, *, force: bool = False, eval
     finally:
         for r in readers:
             r.close()
-
-
-def _composed_sources(model_dir: Path, config: dict[str, Any],
-                      readers: list[CheckpointReader]) -> tuple[list[OutputTensor], Any]:
-    """A composed directory made self-contained: every member's tensors inside (prefixed
-    as the composed model names them), member paths cleared, the modeling file beside
-    them (``auto_map``; loading needs trust_remote_code=True)."""
-    from lmexpand.compose.loading import CALM_TYPE, CO_LLM_TYPE, DEEP_FUSION_TYPE, check_members, modeling_module
-
-    check_members(model_dir, config)
-    kind = config["model_type"]
-    modeling = modeling_module(kind)
-    own = {t.name for t in readers[0]}
-    out: list[OutputTensor] = []
-    if kind == CALM_TYPE:
-        if config.get("anchor_path"):
-            anchor, aug = CheckpointReader(config["anchor_path"]), CheckpointReader(config["augment_path"])
-            readers += [anchor, aug]
-            out = [OutputTensor(TensorSlot("anchor." + t.name, t.dtype, t.shape), RawCopy(t)) for t in anchor]
-            out += [OutputTensor(TensorSlot("augment." + t.name[len("model."):], t.dtype, t.shape), RawCopy(t))
-                    for t in aug if t.name.startswith("model.")]
-        config["anchor_path"] = config["augment_path"] = None
-        classes = ("CalmConfig", "CalmForCausalLM")
-    elif kind == CO_LLM_TYPE:
-        for key in ("base", "assistant"):
-            if config.get(f"{key}_path"):  # (a base trained into the directory is already there)
-                out += _embedded_member(f"{key}.", config[f"{key}_path"], own, readers)
-            config[key]["tie_word_embeddings"] = False
-            config[f"{key}_path"] = None
-        classes = ("CoLlmConfig", "CoLlmForCausalLM")
-    elif kind == DEEP_FUSION_TYPE:
-        if config.get("source_path"):
-            out += _embedded_member("source.", config["source_path"], own, readers)
-        config["source"]["tie_word_embeddings"] = False
-        config["source_path"] = None
-        classes = ("DeepFusionConfig", "DeepFusionForCausalLM")
-    else:
-        for i, path in enumerate(config["member_paths"]):
-            if path:
-                out += _embedded_member(f"members.{i}.", path, own, readers)
-            config["members"][i]["tie_word_embeddings"] = False
-        config["member_paths"] = [None] * len(config["member_paths"])
-        classes = ("LogitCompositionConfig", "LogitCompositionForCausalLM")
-    stem = f"modeling_{kind}"
-    config["auto_map"] = {"AutoConfig": f"{stem}.{classes[0]}", "AutoModelForCausalLM": f"{stem}.{classes[1]}"}
-    return out, SimpleNamespace(name=f"{stem}.py", path=Path(modeling.__file__))
-
-
-def _embedded_member(prefix: str, path: str, own: set[str], readers: list[CheckpointReader]) -> list[OutputTensor]:
-    """A member's tensors under ``prefix``, except those the composition holds itself (a
-    trained head). Its head is always written out (a tied member's from its embedding
-    bytes): the exported config unties every member, so nothing depends on how a nested
-    model re-ties its weights when loaded."""
-    member = CheckpointReader(path)
-    readers.append(member)
-    fam = member.family
-    out = [OutputTensor(TensorSlot(prefix + t.name, t.dtype, t.shape), RawCopy(t)) for t in member
-           if prefix + t.name not in own]
-    if prefix + fam.lm_head not in own and fam.lm_head not in member:
-        emb = member.info(fam.embed)
-        out.append(OutputTensor(TensorSlot(prefix + fam.lm_head, emb.dtype, emb.shape), RawCopy(emb)))
-    return out

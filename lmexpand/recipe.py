@@ -406,10 +406,11 @@ def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
     """The training stage's checks that depend on the model it will train, known before that
     model exists (the run calls this for every stage before the first one starts; the same
     rules as :func:`lmexpand.train.loop.train`, worded with the recipe's keys)."""
-    from lmexpand.checkpoint.composed import is_composed_config
+    from lmexpand.compose.kinds import composed_kind
 
     kind = model.config.get("model_type")
-    composed = is_composed_config(model.config)
+    declared = composed_kind(model.config)
+    composed = declared is not None
     if composed and not model.tensors:
         raise ConfigError(f"{where}: {key}: nothing to train: {model.what} is a {model.config.get('method') or kind} "
                           "composition without trainable parameters (it combines its members' outputs as they are). "
@@ -423,16 +424,14 @@ def preflight_train(where: str, key: str, cfg: Any, model: ModelFacts) -> None:
             raise ConfigError(f"{where}: {key}.trainable: {model.what} has no new parameters, so the default "
                               "trainable set (trainable: new) is empty. Set "
                               f"{key}.trainable: all (full fine-tuning) or a list of globs, or add {key}.lora.")
-    if cfg.co_llm_init_steps and kind != "lmexpand_co_llm":
+    if cfg.co_llm_init_steps and not (declared and declared.gate_init):
         raise ConfigError(f"{where}: {key}.co_llm_init_steps initialises a Co-LLM gate; {model.what} is a {kind} "
                           "model. Remove the key, or make the surgery co-llm.")
     if cfg.document_masking and composed:
         raise ConfigError(f"{where}: {key}.document_masking: {model.what} is a composed model, whose members take no "
                           f"position ids from lmexpand. Remove the key, or set {key}.pack: false.")
     if composed and cfg.trainable == "all":
-        from lmexpand.checkpoint.composed import TRAINABLE_MEMBERS
-
-        members_ok = TRAINABLE_MEMBERS.get(kind, ())
+        members_ok = declared.trainable_members
         raise ConfigError(f"{where}: {key}.trainable: all would train every weight of {model.what}, a composed model "
                           f"({kind}) whose members' weights live in their own directories and stay frozen. Leave "
                           f"{key}.trainable out (the default: its own new tensors)"
@@ -448,9 +447,11 @@ def _check_markers_in_data(where: str, key: str, cfg: Any, model: ModelFacts) ->
     """Deep fusion trains experts that run only inside marked spans: data without any marker
     cannot train them (training would stop at its first batch; known now). Chat data is
     rendered by the template, so its markers are left to that check."""
+    from lmexpand.compose.kinds import composed_kind
     from lmexpand.train.data import text_found
 
-    ids = list(model.config.get("open_ids") or []) if model.config.get("model_type") == "lmexpand_deep_fusion" else []
+    declared = composed_kind(model.config)
+    ids = list(model.config.get("open_ids") or []) if declared and declared.span_markers else []
     if not ids or not model.tokenizer_dir or any(d.chat for d in cfg.data):
         return
     from lmexpand.checkpoint.tokenizer import load_tokenizer

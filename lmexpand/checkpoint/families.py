@@ -359,7 +359,7 @@ def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Fami
             return family
     supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
     archs = config.get("architectures") or []
-    from lmexpand.checkpoint.composed import is_composed_config
+    from lmexpand.compose.kinds import is_composed_config  # (the declarations: data every layer may read)
 
     if is_composed_config(config):
         raise UnsupportedArchitectureError(

@@ -6,9 +6,9 @@ import re
 from collections import Counter
 from typing import Any
 
-from lmexpand.checkpoint.composed import is_composed_config
 from lmexpand.checkpoint.families import FAMILIES, MOE_CONFIG_KEYS, Family, detect_family
 from lmexpand.checkpoint.reader import CheckpointReader, torch_dtype_name
+from lmexpand.compose.kinds import is_composed_config  # (the declarations: data every layer may read)
 from lmexpand.errors import UnsupportedArchitectureError
 
 

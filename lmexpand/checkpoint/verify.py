@@ -166,8 +166,8 @@ def verify(model_dir: str | Path, *, values: str = "written", allow_pickle: bool
     'written' (the default: every tensor of the weight files lmexpand wrote and recorded in
     lmexpand.json, i.e. the values it is responsible for; none in a directory it did not
     write), 'new' (those lmexpand.json lists as new), 'all', or 'none'."""
-    from lmexpand.checkpoint.composed import COMPOSED_TENSOR_PREFIXES
     from lmexpand.checkpoint.finite import non_finite_tensors
+    from lmexpand.compose.kinds import composed_kind  # (the declarations: data every layer may read)
 
     model_dir = Path(model_dir)
     reader = CheckpointReader(model_dir, need_family=False, allow_pickle=allow_pickle)
@@ -180,8 +180,9 @@ def verify(model_dir: str | Path, *, values: str = "written", allow_pickle: bool
         report.shards_checked = len(shards)
         report.hashes = "match" if not problems else "MISMATCH"
     kind = reader.config.get("model_type")
-    if kind in COMPOSED_TENSOR_PREFIXES:
-        prefixes = COMPOSED_TENSOR_PREFIXES[kind]
+    declared = composed_kind(reader.config)
+    if declared is not None:
+        prefixes = declared.tensor_prefixes
         bad = [t.name for t in reader if not t.name.startswith(prefixes)]
         report.problems += [f"{n}: not a tensor of a composed model ({kind}: {', '.join(prefixes)}...)" for n in bad]
         report.structure = f"composed ({kind}): its tensors are checked against the config when loaded"

@@ -145,9 +145,15 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         require_structure(reader)
     kind, max_pos = reader.config.get("model_type"), _max_positions(reader.config)
     reader.close()
-    if (settings.threshold is not None or settings.show_deferrals) and kind != "lmexpand_co_llm":
-        raise ConfigError(f"--threshold and --show-deferrals are only for Co-LLM models (`lmexpand surgery co-llm`); "
-                          f"{model_dir} is a {kind} model. Drop them.")
+    from lmexpand.compose.kinds import KINDS
+
+    declared = KINDS.get(kind)
+    deferral_gate = bool(declared and declared.deferral_gate)
+    if (settings.threshold is not None or settings.show_deferrals) and not deferral_gate:
+        gated = " or ".join(f"{k.title} models (`lmexpand surgery {k.surgeries[0]}`)" for k in KINDS.values()
+                            if k.deferral_gate)
+        raise ConfigError(f"--threshold and --show-deferrals are only for {gated}; {model_dir} is a {kind} model. "
+                          "Drop them.")
     register_if_composed(model_dir)
     tokenizer = load_tokenizer(model_dir, what="MODEL")
     texts = prepare_prompts(tokenizer, prompts, settings, model_dir)
@@ -202,7 +208,7 @@ def generate(model_dir: Path, prompts: list[str], settings: GenerationSettings, 
         counted += n
     texts_out = [tokenizer.decode(r, skip_special_tokens=True) for r in new]
     result = GenerationResult(texts_out, counted, seconds, [int(m.sum()) for m in enc["attention_mask"].cpu()])
-    if kind == "lmexpand_co_llm" and model.deferrals:
+    if deferral_gate and model.deferrals:
         steps = torch.stack(model.deferrals[:new.shape[1]], dim=1).tolist()  # [B, new tokens]
         result.deferred = steps
         if settings.show_deferrals:

@@ -189,7 +189,7 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
                 raise NonFiniteError(f"the {_row_name(label)} {path} {e} (text set {ts.name}); nothing was written.") from None
             log.info("%s on %s: ppl %.3f (%d tokens)", label, ts.name,
                      results["perplexity"][label][ts.name]["ppl"], results["perplexity"][label][ts.name]["tokens"])
-        if label == "model" and getattr(model.config, "model_type", None) == "lmexpand_co_llm":
+        if label == "model" and _has_deferral_gate(model):
             from lmexpand.eval.co_llm import deferral_table
 
             first = deferral_table(model, tok, streams[text_sets[0].name], seq_len)
@@ -277,6 +277,14 @@ def write_report(results: dict[str, Any], out: Path, metrics_path: Path | None) 
                                 "another --out, and run eval again.") from None
         raise TargetError(f"--out {out}: cannot write the report ({e.strerror or e}). Check the directory and "
                           "try again.") from None
+
+
+def _has_deferral_gate(model: Any) -> bool:
+    """A composed kind whose gate defers to a member (Co-LLM): its report adds the deferral table."""
+    from lmexpand.compose.kinds import KINDS
+
+    declared = KINDS.get(getattr(model.config, "model_type", None))
+    return bool(declared and declared.deferral_gate)
 
 
 def fmt(x: float) -> str:

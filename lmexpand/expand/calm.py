@@ -2,10 +2,10 @@
 new cross-attention bridges; only the bridges train.
 
 The surgery writes a small directory: the bridges' tensors (``bridges.N.*``, float32), a
-``lmexpand_calm`` config that embeds both models' configs and the layer pairs, references
-to the two source checkpoints (path + fingerprint, checked when loading), and the
-anchor's tokenizer. The composed model is :mod:`lmexpand.compose.calm_modeling`;
-``lmexpand export`` turns the directory into a self-contained one (both models' weights,
+config of the CALM kind (:mod:`lmexpand.compose.kinds.calm`) that embeds both models'
+configs and the layer pairs, references to the two source checkpoints (path + fingerprint,
+checked when loading), and the anchor's tokenizer. The composed model is
+:mod:`lmexpand.compose.calm_modeling`; ``lmexpand export`` turns the directory into a self-contained one (both models' weights,
 bridges, the modeling file via ``auto_map``).
 
 Bridge layout: each bridge's output projection ``o_proj`` is zero, so at init the composed
@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 from pydantic import Field, field_validator, model_validator
 
 from lmexpand.checkpoint.reader import CheckpointReader
+from lmexpand.compose.kinds.calm import KIND
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import NewInit, Plan, TensorPlan, Zeros
 from lmexpand.expand.registry import MethodConfig, register_method
@@ -160,8 +161,8 @@ def plan_calm(readers: Sequence[CheckpointReader], cfg: CalmMethodConfig) -> Pla
             TensorPlan(p + "o_proj.weight", "F32", (d_a, d_a), Zeros()),
         ]
     config = {
-        "model_type": "lmexpand_calm",
-        "architectures": ["CalmForCausalLM"],
+        "model_type": KIND.model_type,
+        "architectures": [KIND.model_class],
         "anchor": dict(anchor.config),
         "augment": dict(aug.config),
         "pairs": [list(p) for p in pairs],

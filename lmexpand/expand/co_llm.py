@@ -17,6 +17,7 @@ from typing import Sequence
 from pydantic import Field
 
 from lmexpand.checkpoint.reader import CheckpointReader
+from lmexpand.compose.kinds.co_llm import KIND
 from lmexpand.expand.logit_compose import _check_members
 from lmexpand.expand.plan import Plan, TensorPlan, Zeros
 from lmexpand.expand.registry import MethodConfig, register_method
@@ -48,8 +49,8 @@ def plan_co_llm(readers: Sequence[CheckpointReader], cfg: CoLlmMethodConfig) -> 
     common, notes = _check_members(readers, ["base", "assistant"])
     hidden = int(base.config["hidden_size"])
     config = {
-        "model_type": "lmexpand_co_llm",
-        "architectures": ["CoLlmForCausalLM"],
+        "model_type": KIND.model_type,
+        "architectures": [KIND.model_class],
         "base": dict(base.config),
         "assistant": dict(asst.config),
         "base_path": str(base.path.resolve()),

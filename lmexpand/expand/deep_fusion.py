@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import load_tokenizer
+from lmexpand.compose.kinds.deep_fusion import KIND
 from lmexpand.errors import ConfigError
 from lmexpand.expand.layer_spec import parse_layer_spec, select_layers
 from lmexpand.expand.plan import Plan, Read, TensorPlan
@@ -105,8 +106,8 @@ def plan_deep_fusion(readers: Sequence[CheckpointReader], cfg: DeepFusionMethodC
                     info = src.info(name)
                     tensors.append(TensorPlan(f"experts.{i}.{proj}.{leaf}", info.dtype, tuple(info.shape), Read(name)))
     config = {
-        "model_type": "lmexpand_deep_fusion",
-        "architectures": ["DeepFusionForCausalLM"],
+        "model_type": KIND.model_type,
+        "architectures": [KIND.model_class],
         "source": dict(src.config),
         "source_path": str(src.path.resolve()),
         "open_ids": open_ids,

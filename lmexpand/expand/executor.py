@@ -190,8 +190,8 @@ def _check_referenced_members(plan: Plan, readers: Sequence[CheckpointReader]) -
     every later step (train, eval, generate, export) runs them: their values are checked
     now, once, like the values a surgery copies (the writer checks those). Tensors the plan
     reads itself are checked when written."""
-    from lmexpand.checkpoint.composed import is_composed_config, member_references
     from lmexpand.checkpoint.finite import describe, non_finite_tensors
+    from lmexpand.compose.kinds import is_composed_config, member_references
 
     if not is_composed_config(plan.config):
         return

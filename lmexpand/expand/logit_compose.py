@@ -29,6 +29,7 @@ from lmexpand.checkpoint.families import (LOGIT_DIVISOR_KEYS, LOGIT_MULTIPLIER_K
                                           logit_postprocessing)
 from lmexpand.checkpoint.reader import CheckpointReader
 from lmexpand.checkpoint.tokenizer import shared_token_ids
+from lmexpand.compose.kinds.logits import KIND
 from lmexpand.errors import ConfigError
 from lmexpand.expand.plan import Plan, Read, TensorPlan
 from lmexpand.expand.registry import MethodConfig, comma_list, register_method
@@ -121,8 +122,8 @@ def plan_composition(readers: Sequence[CheckpointReader], *, method: str, argume
                              "(the embedding never moves)")
     first = readers[0].config
     config = {
-        "model_type": "lmexpand_logits",
-        "architectures": ["LogitCompositionForCausalLM"],
+        "model_type": KIND.model_type,
+        "architectures": [KIND.model_class],
         "method": method,
         "members": [dict(r.config) for r in readers],
         "member_paths": [str(r.path.resolve()) for r in readers],

@@ -111,10 +111,11 @@ def _embed_trained_members(reader: CheckpointReader, model: Any) -> tuple[list[O
     and its path is cleared (the member is now part of the composition)."""
     import torch
 
-    from lmexpand.checkpoint.composed import EMBEDDABLE_MEMBERS, read_config
+    from lmexpand.compose.kinds import composed_kind, read_config
 
     config = read_config(reader.path)
-    members = EMBEDDABLE_MEMBERS.get(config.get("model_type"), {})
+    declared = composed_kind(config)
+    members = declared.embeddable_members if declared else {}
     params = dict(model.named_parameters())
     outputs: list[OutputTensor] = []
     readers: list[CheckpointReader] = []

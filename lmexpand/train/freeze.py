@@ -60,10 +60,10 @@ def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[
         chosen = _match_globs(params, cfg.trainable, "--trainable")
     if cfg.extra_trainable:
         chosen |= _match_globs(params, cfg.extra_trainable, "--extra-trainable")
-    from lmexpand.checkpoint.composed import is_composed_config, read_config
+    from lmexpand.compose.kinds import composed_kind, read_config
 
     config = read_config(model_dir)
-    if is_composed_config(config):
+    if composed_kind(config) is not None:
         _check_composed_trainable(model_dir, config, chosen, cfg)
     if not chosen and cfg.lora is None:
         raise ConfigError(
@@ -91,9 +91,9 @@ def _check_composed_trainable(model_dir: Path, config: dict, chosen: set[str], c
         raise ConfigError(f"nothing to train in {model_dir}: this {config.get('method') or kind} composition has no "
                           "trainable parameters (it combines its members' outputs as they are). Train a member "
                           "instead, then compose again.")
-    from lmexpand.checkpoint.composed import TRAINABLE_MEMBERS
+    from lmexpand.compose.kinds import KINDS
 
-    members_ok = TRAINABLE_MEMBERS.get(kind, ())
+    members_ok = KINDS[kind].trainable_members
     outside = sorted(n for n in chosen - own if not n.startswith(members_ok))
     if outside or cfg.lora is not None:
         what = "--lora" if cfg.lora is not None else f"{len(outside):,} parameters of its members (first: {outside[0]!r})"

@@ -203,7 +203,10 @@ def train(cfg: TrainConfig, *, resume: bool | Path = False, force: bool = False)
         from lmexpand.checkpoint.verify import require_structure
 
         require_structure(reader)
-    if cfg.co_llm_init_steps and reader.config.get("model_type") != "lmexpand_co_llm":
+    from lmexpand.compose.kinds import composed_kind
+
+    declared = composed_kind(reader.config)
+    if cfg.co_llm_init_steps and not (declared and declared.gate_init):
         raise ConfigError(f"--co-llm-init-steps initialises a Co-LLM gate; {model_dir} is a "
                           f"{reader.config.get('model_type')} model. Drop the option, or make a Co-LLM model first "
                           "(`lmexpand surgery co-llm BASE ASSISTANT OUT`).")
@@ -560,19 +563,10 @@ def _stop_if_not_finite(grad_norm, step: int, cfg: TrainConfig) -> None:
         f"in the model with `lmexpand verify {cfg.model} --values all`.")
 
 
-# why the data may reach no trainable parameter, by composed kind (the general reason otherwise)
-_UNREACHABLE = {
-    "lmexpand_deep_fusion": "a deep-fusion model's experts run only on tokens inside marked spans, and no block of the "
-                            "first batch holds a marker ({markers}): give data with the markers the surgery was made "
-                            "for (code fences, formulas), or make the surgery with markers this data has",
-    "lmexpand_co_llm": "the gate gets no gradient where deferring to the assistant changes nothing (the assistant and "
-                       "the base agree on every target of the first batch): give data where the assistant helps",
-}
-
-
 def _markers_later(model, data, blocks: int = 20_000) -> bool:
-    """Deep fusion: whether a marker appears in the first ``blocks`` training blocks (the
-    first batch may miss the spans of sparse data)."""
+    """A kind whose new tensors run only inside marked spans (deep fusion): whether a marker
+    appears in the first ``blocks`` training blocks (the first batch may miss the spans of
+    sparse data)."""
     import numpy as np
 
     ids = list(getattr(model.config, "open_ids", []) or [])
@@ -593,13 +587,16 @@ def _stop_if_unreachable(grad_norm, model, tokenizer, cfg: TrainConfig, created_
     (Deep fusion on data whose first batch has no span, but later blocks do, goes on.)"""
     if float(grad_norm) != 0.0:
         return
-    kind = getattr(model.config, "model_type", None)
-    if kind == "lmexpand_deep_fusion" and _markers_later(model, data):
+    from lmexpand.compose.kinds import KINDS
+
+    declared = KINDS.get(getattr(model.config, "model_type", None))  # why, when a composed kind says
+    if declared and declared.span_markers and _markers_later(model, data):
         log.warning("the first batch holds no marked span, so the experts got no gradient from it; later blocks "
                     "have markers: training goes on")
         return
-    reason = _UNREACHABLE.get(kind, "no trainable tensor takes part in computing the loss of this data (the "
-                                    "trainable set, --trainable / --extra-trainable, or --loss-from leaving no target)")
+    reason = (declared and declared.no_gradient) or (
+        "no trainable tensor takes part in computing the loss of this data (the trainable set, --trainable / "
+        "--extra-trainable, or --loss-from leaving no target)")
     markers = ""
     if "{markers}" in reason:
         ids = list(getattr(model.config, "open_ids", []) or []) + list(getattr(model.config, "close_ids", []) or [])
