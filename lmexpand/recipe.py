@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, SourceError
 from lmexpand.faults import kill_point
 from lmexpand.stages.merge import MergeRequest, PreparedMerge
 from lmexpand.stages.surgery import PlannedSurgery, SurgeryRequest
 from lmexpand.validation import STRICT, validate
+from lmexpand.jsonio import read_json
 
 if TYPE_CHECKING:
     from lmexpand.expand.registry import MethodConfig
@@ -549,7 +550,9 @@ def _check_job(job: Job, source_model: str | None) -> None:
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {_stage_key(i, n)}: {e}") from None
         seq_lens += [("eval.seq_len", job.eval.section.seq_len)] if job.eval is not None else []
-        cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+        cfg = read_json(model_dir / "config.json", what="config.json", expect=dict, error=SourceError,
+                        fix="Fix the model's config.json or re-download it.") \
+            if (model_dir / "config.json").is_file() else {}
         max_pos = cfg.get("max_position_embeddings")
         for key, n in seq_lens:
             if isinstance(max_pos, int) and n > max_pos:

@@ -11,12 +11,12 @@ what the kinds' hooks share.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 from lmexpand.compose.kinds import KINDS, composed_kind, member_references, read_config
-from lmexpand.errors import CheckpointError, ConfigError
+from lmexpand.errors import CheckpointError, ConfigError, SourceError
+from lmexpand.jsonio import read_json
 
 
 def model_type(model_dir: Path) -> str | None:
@@ -59,7 +59,9 @@ def load_model(model_dir: Path, **kwargs: Any) -> Any:
 
 def _lineage(model_dir: Path) -> dict[str, Any]:
     f = model_dir / "lmexpand.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f, what="lmexpand.json (the model's lineage)", expect=dict, error=SourceError,
+                     fix="Restore it from the output that wrote it, or delete it to load the model without its "
+                         "lineage.") if f.is_file() else {}
 
 
 def check_members(model_dir: Path, config: dict[str, Any] | None = None) -> None:

@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmexpand.errors import ConfigError, NonFiniteError
+from lmexpand.errors import ConfigError, NonFiniteError, SourceError
 from lmexpand.eval.perplexity import TextSet, logit_difference, perplexity, token_stream
+from lmexpand.jsonio import read_json
 
 log = logging.getLogger("lmexpand")
 
@@ -121,7 +122,8 @@ def _check_before_scoring(rows: Sequence[tuple[str, Path]], text_sets: Sequence[
         reader.close()
         register_if_composed(path)  # its config type must be known to load its tokenizer
         tokenizers[label] = load_tokenizer(path, what=_row_name(label))
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        cfg = read_json(path / "config.json", what="config.json", expect=dict, error=SourceError,
+                        fix="Fix the model's config.json or re-download it.") if (path / "config.json").is_file() else {}
         reason = unscorable(cfg)
         if reason:
             raise ConfigError(f"the {_row_name(label)} {path} {reason}")

@@ -9,22 +9,24 @@ silently smaller trainable set.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lmexpand.errors import ConfigError
+from lmexpand.errors import ConfigError, SourceError
 from lmexpand.train.config import TrainConfig
+from lmexpand.jsonio import read_json
 
 log = logging.getLogger("lmexpand")
 
 
 def read_lineage(model_dir: Path) -> dict[str, Any] | None:
     path = model_dir / "lmexpand.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, what="lmexpand.json (the model's lineage)", expect=dict, error=SourceError,
+                     fix="Restore it from the output that wrote it, or delete it to train with --trainable "
+                         "instead of its new_parameters.") if path.is_file() else None
 
 
 def trainable_names(model: nn.Module, model_dir: Path, cfg: TrainConfig) -> set[str]:
