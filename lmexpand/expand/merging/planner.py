@@ -215,11 +215,12 @@ def _tokenizer_problems(r: Resolved) -> list[str]:
     for ref, path in with_tokenizer[1:]:
         vocab = load_tokenizer(path, what=f"model {ref}").get_vocab()
         if vocab != vocab0:
-            differ = sorted(set(vocab.items()) ^ set(vocab0.items()), key=lambda kv: kv[1])
+            differ = sorted(set(vocab.items()) ^ set(vocab0.items()), key=lambda kv: (kv[1], kv[0]))
             return [f"{ref} and {ref0} have different tokenizers ({len(vocab):,} vs {len(vocab0):,} tokens, "
                     f"{len(differ):,} token->id pairs differ, e.g. {differ[0][0]!r} -> {differ[0][1]}): row i of their "
-                    "embeddings and heads is not the same token, so merging them mixes unrelated tokens. Merge "
-                    "models fine-tuned from one base (one tokenizer)"]
+                    "embeddings and heads is not the same token, so merging them mixes unrelated tokens. Give "
+                    "tokenizer_source: union (or base, or one model) to merge over one vocabulary, each model's "
+                    "rows matched by token"]
     return []
 
 
