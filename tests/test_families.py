@@ -230,6 +230,12 @@ def check_logit_compositions(c: Case) -> None:
     d = (logits(load_model(c.tmp / "sum").eval(), ids, mask) - want).abs()[mask.bool()].max().item()
     c.report(f"{c.variant}: logit sum vs own logits z_1 + z_2 max |d| = {d:.3g}")
     assert d <= 1e-5
+    c.ok("surgery", "contrastive", c.src, partner, c.tmp / "contrastive", "--beta", "0")
+    out = logits(load_model(c.tmp / "contrastive").eval(), ids, mask)
+    plausible = torch.isfinite(out) & mask.bool().unsqueeze(-1)
+    d = (out - logits(base, ids, mask))[plausible].abs().max().item()
+    c.report(f"{c.variant}: contrastive beta 0 vs base on plausible tokens max |d| = {d}")
+    assert d == 0.0 and torch.equal(greedy(load_model(c.tmp / "contrastive").eval(), ids, mask), greedy(base, ids, mask))
 
 
 @command("co-llm")
@@ -406,6 +412,25 @@ def matrix_cache() -> dict:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_family_command(variant, name, tiny_root, tmp_path, capsys, matrix_cache, gsm8k_small):
     COMMANDS[name](Case(variant, tiny_root, tmp_path, capsys, matrix_cache, gsm8k_small))
+
+
+# checks that cover several registered surgeries
+COVERED_BY = {"logit-compositions": ("logit-sum", "proxy-tune", "contrastive")}
+
+
+def test_every_registered_surgery_and_family_is_in_the_matrix():
+    """A new surgery (``@register_method``) or family (``FAMILIES``) is covered by adding its
+    check above or its tiny row in tests/tiny.py; this fails until it is."""
+    import transformers
+
+    from lmexpand.checkpoint.families import FAMILIES
+    from lmexpand.expand.registry import load_methods
+
+    covered = set(COMMANDS) | {m for ms in COVERED_BY.values() for m in ms}
+    missing = sorted(set(load_methods()) - covered)
+    assert not missing, f"add a @command check for {missing} to tests/test_families.py"
+    rows = {getattr(transformers, cls).model_type for cls, _ in TINY_FAMILIES.values()}
+    assert set(FAMILIES) <= rows, f"add a tiny model of {sorted(set(FAMILIES) - rows)} to tests/tiny.py"
 
 
 def test_docs_table_has_a_row_per_family():

@@ -254,6 +254,15 @@ def test_bitwise_equal_to_mergekit(merge_root, family, dtype):
                            f"{family}/{dtype}")
 
 
+def test_every_merge_method_is_compared_with_mergekit():
+    """A new method (one file in expand/merging/methods/) is covered by adding its configuration
+    to _configs: this fails until it is."""
+    from lmexpand.expand.merging.methods import METHODS
+
+    compared = {cfg["merge_method"] for cfg, _ in _configs({k: Path(k) for k in ("base", "a", "b", "c")}).values()}
+    assert not set(METHODS) - compared, f"add a configuration for {sorted(set(METHODS) - compared)} to _configs"
+
+
 @NEEDS_MERGEKIT
 def test_arcee_fusion_sampled_quantiles_equal_mergekit(tmp_path):
     """arcee_fusion takes its quantiles from 10^6 random indices in tensors larger than that:
