@@ -23,6 +23,7 @@ What it runs (each training variant its own process, so each peak is its own):
                 (density 0.5) and linear by ``lmexpand merge --device cuda`` and ``--device
                 cpu`` (the same machine's cores), and by ``mergekit-yaml --cuda`` when
                 bench/.peers/mergekit is there (issue 35); wall time and bytes/s per run
+                (--tiny: TIES by lmexpand only)
 
 Figures per training variant: tokens/s (median step after the first two), MFU = achieved
 model FLOPs / the GPU's peak bf16 dense FLOPs, and peak memory (CUDA: the process's
@@ -139,6 +140,8 @@ def merge_rows(base: Path, work: Path, tiny: bool) -> dict:
     cfgs = {"ties": {"merge_method": "ties", "base_model": str(base), "models": two},
             "linear": {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}}
                                                              for m in models]}}
+    if tiny:  # the code path only: one method, no peer
+        cfgs.pop("linear")
     gpu = "cpu" if tiny else "cuda"
     mergekit = ROOT / "bench" / ".peers" / "mergekit" / "bin" / "mergekit-yaml"
     out: dict = {}
@@ -149,7 +152,7 @@ def merge_rows(base: Path, work: Path, tiny: bool) -> dict:
                                              "--force", "--device", gpu, "--seed", "0"],
                 "lmexpand --device cpu": [PY, "-m", "lmexpand", "-q", "merge", str(path), str(work / "merged"),
                                           "--force", "--device", "cpu", "--seed", "0"]}
-        if mergekit.exists():
+        if mergekit.exists() and not tiny:
             runs["mergekit-yaml" + ("" if tiny else " --cuda")] = [
                 str(mergekit), str(path), str(work / "merged"), "--random-seed", "0", "--no-copy-tokenizer",
                 "--quiet"] + ([] if tiny else ["--cuda"])

@@ -26,8 +26,8 @@ def test_tiny_run_writes_every_figure(tmp_path):
         assert v["model_tflop_per_step"] >= 0
     assert {"cp -r base", "llama-pro", "moe-mixtral", "moe-fine"} <= set(report["surgery"])
     assert report["ours_vs_hf_trainer_speedup"] > 0
-    merge_runs = {k for k in report["merge"] if k.startswith(("ties: lmexpand", "linear: lmexpand"))}
-    assert len(merge_runs) == 4 and all(report["merge"][k]["seconds"] > 0 for k in merge_runs)
+    assert len(report["merge"]) == 2 and all(k.startswith("ties: lmexpand") and v["seconds"] > 0
+                                             for k, v in report["merge"].items())
     md = (tmp_path / "gpu.md").read_text()
     assert "| ours |" in md and "| llama-pro |" in md and "| ties: lmexpand --device cpu |" in md
     assert "gpu.md" not in r.stdout and "| hf-trainer |" in r.stdout  # the table is printed too
