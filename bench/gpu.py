@@ -103,14 +103,12 @@ def merge_rows(base: Path, work: Path, tiny: bool) -> dict:
     """TIES and linear over two noisy copies of ``base``: lmexpand on the GPU and on the CPU
     cores, and mergekit --cuda when installed (the --tiny check runs the GPU row on the CPU)."""
     import torch
-    from safetensors import safe_open
 
     from lmexpand.checkpoint import Computed, OutputTensor, TensorSlot, write_checkpoint
+    from lmexpand.checkpoint.reader import CheckpointReader
 
-    names = {}
-    for shard in sorted(base.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            names.update({n: shard for n in f.keys()})
+    reader = CheckpointReader(base)  # the project's reader: tensor headers, values, files to carry
+    files = {"config.json": base / "config.json", **{f.name: f for f in reader.carry_files()}}
     models = []
     for i in (1, 2):
         path = work / f"merge-ft{i}"
@@ -120,20 +118,14 @@ def merge_rows(base: Path, work: Path, tiny: bool) -> dict:
 
         def noisy(n: str, i: int = i):
             def fn():
-                with safe_open(str(names[n]), "pt") as f:
-                    t = f.get_tensor(n)
+                t = reader.get_tensor(n)
                 g = torch.Generator().manual_seed(1000 * i + len(n))
                 return (t.float() + torch.randn(t.shape, generator=g) * 0.001).to(t.dtype)
             return fn
 
-        slots = []
-        for n, shard in names.items():
-            with safe_open(str(shard), "pt") as f:
-                sl = f.get_slice(n)
-                slots.append(OutputTensor(TensorSlot(n, sl.get_dtype(), tuple(sl.get_shape())), Computed(noisy(n))))
-        files = {f.name: f for f in base.iterdir() if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"
-                 and f.is_file() and f.name != "lmexpand.json"}
+        slots = [OutputTensor(TensorSlot(t.name, t.dtype, t.shape), Computed(noisy(t.name))) for t in reader]
         write_checkpoint(path, slots, files=files, max_shard_size=int(1e9))
+    reader.close()
     import yaml
 
     two = [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]

@@ -279,7 +279,7 @@ def check_merge(c: Case) -> None:
     returns the model bitwise."""
     import yaml
 
-    from tests.test_merge import _bits, _configs, _tensors, _variants
+    from tests.test_merge import _bits, _configs, _tensors, _variants, run_mergekit
 
     if not (MERGEKIT_PY.exists() and _mergekit_defines(c.family.causal_lm_class)):
         import shutil
@@ -298,15 +298,7 @@ def check_merge(c: Case) -> None:
     models = _variants(c.tmp, c.variant, "bfloat16", src=c.src)
     work = c.tmp / "cmp"
     work.mkdir()
-    jobs = []
-    for name, (cfg, seed) in _configs(models).items():
-        if name in MERGE_METHODS:
-            (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-            jobs.append([str(work / f"{name}.yaml"), str(work / f"mk-{name}"), seed])
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"),
-                          str(work / "jobs.json")], capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = run_mergekit({name: job for name, job in _configs(models).items() if name in MERGE_METHODS}, work)
     for config, theirs_dir, seed in jobs:
         name = Path(config).stem
         # (ties: mergekit's argsort for magnitudes that tie at the threshold, --match-mergekit)

@@ -217,22 +217,28 @@ def _assert_differs_only_at_ties(ours: Path, theirs: Path, config: Path, what: s
           f"({ties_seen} elements at a model's threshold)")
 
 
+def run_mergekit(configs: dict[str, tuple[dict, int | None]], work: Path) -> list[tuple[str, str, int | None]]:
+    """Each ``name -> (configuration, seed)`` written to ``work/name.yaml`` and merged by mergekit
+    0.1.5 into ``work/mk-name``, all in one process of its venv; returns (config path, mergekit
+    output, seed) per configuration."""
+    jobs = []
+    for name, (cfg, seed) in configs.items():
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        jobs.append((str(path), str(work / f"mk-{name}"), seed))
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"), str(work / "jobs.json")],
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return jobs
+
+
 def _compare_with_mergekit(m: dict[str, Path], work: Path, what: str, only: tuple[str, ...] = ()) -> None:
     """Every configuration of :func:`_configs` (or ``only`` those) through both tools; the
     methods of ``TIE_DEFINED`` once by default (ties only may differ) and once with
     ``--match-mergekit`` (bitwise)."""
     work.mkdir()
-    jobs = []
-    for name, (cfg, seed) in _configs(m).items():
-        if only and name not in only:
-            continue
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        jobs.append([str(path), str(work / f"mk-{name}"), seed])
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"), str(work / "jobs.json")],
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = run_mergekit({name: job for name, job in _configs(m).items() if not only or name in only}, work)
     for config, mk_out, seed in jobs:
         name = Path(config).stem
         ours = work / f"lx-{name}"
@@ -380,16 +386,7 @@ def test_vocabulary_union_equals_mergekit(merge_root, tmp_path, family, dtype):
                          "parameters": {"t": 0.3}, "models": [{"model": base}, {"model": chat}]},
     }
     configs["union-tokens"]["tokenizer"]["tokens"]["<|im_end|>"] = {"source": chat}  # base lacks it
-    jobs = []
-    for name, cfg in configs.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        jobs.append([str(path), str(tmp_path / f"mk-{name}"), None])
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    run = subprocess.run([str(MERGEKIT_PY), str(ROOT / "tests" / "peers" / "mergekit_runner.py"),
-                          str(tmp_path / "jobs.json")], capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for config, mk_out, _ in jobs:
+    for config, mk_out, _ in run_mergekit({name: (cfg, None) for name, cfg in configs.items()}, tmp_path):
         name = Path(config).stem
         ours = tmp_path / f"lx-{name}"
         assert main(["merge", config, str(ours), "--threads", "2"]) == 0, name

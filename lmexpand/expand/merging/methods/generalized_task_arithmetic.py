@@ -86,8 +86,16 @@ def _task_arithmetic(x: Inputs, *, sparsify: Optional[str], consensus: bool, nor
     while deltas.dim() > weights.dim():
         weights.unsqueeze_(-1)
     deltas.mul_(weights)
+    return _combine(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                    mask_dtype=torch.int8 if int8_mask else base.dtype)
+
+
+def _combine(base: "torch.Tensor", deltas: "torch.Tensor", weights: "torch.Tensor", *, consensus: bool,
+             normalize: bool, lambda_: float, mask_dtype: "torch.dtype") -> "torch.Tensor":
+    """``base + lambda · Σ D_i`` (divided by the weights, kept ones under sign election, when
+    normalize) from the weighted deltas ``D_i``: mergekit's last steps, per element."""
     if consensus:
-        mask = sign_consensus_mask(deltas, torch.int8 if int8_mask else base.dtype)
+        mask = sign_consensus_mask(deltas, mask_dtype)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -157,20 +165,8 @@ def _streamed(x: Inputs, *, trim: bool, consensus: bool, normalize: bool, lambda
                 d = d * kept  # t·bool: the same ±0 as mergekit's t·1.0/0.0
             deltas[i] = d
         deltas.mul_(weights)
-        if consensus:
-            mask = sign_consensus_mask(deltas, mask_dtype)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed /= divisor
-        if lambda_ != 1:
-            mixed *= lambda_
-        out[s:s + CHUNK] = (b + mixed).to(base.dtype)
+        out[s:s + CHUNK] = _combine(b, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                                    mask_dtype=mask_dtype)
     return out.reshape(x.base.shape)
 
 
