@@ -16,8 +16,10 @@ content of every data file it reads, and the parent's KEY):
               the curve is drawn in healed.png
   math        healed, full fine-tuning on GSM8K train
   code        healed, full fine-tuning on the Python code train split
-  small-cut   the first 20 of healed's 30 blocks (surgery upscale --slices 0-20)
-  small       small-cut healed again like healed (same recipe and rule, at most 2 segments)
+  small-cut   20 of healed's 30 blocks: the first 12 and the last 8 (surgery upscale
+              --slices 0-12,22-30; the measured choice is in small-cut.yaml)
+  small       small-cut healed like healed at 10x the learning rate (heal-small.yaml: a cut
+              model has more to repair than rounding), same rule, at most 2 segments
   small-math  small, full fine-tuning on GSM8K train
 
 It resumes: a finished model is reused, a finished segment too, and an interrupted
@@ -71,7 +73,7 @@ STAGES = [
     Stage("math", "math.yaml", "healed"),
     Stage("code", "code.yaml", "healed"),
     Stage("small-cut", "small-cut.yaml", "healed"),
-    Stage("small", "heal.yaml", "small-cut", max_segments=2),
+    Stage("small", "heal-small.yaml", "small-cut", max_segments=2),
     Stage("small-math", "math.yaml", "small"),
 ]
 BY_NAME = {s.name: s for s in STAGES}

@@ -41,8 +41,8 @@ def tiny_data_root(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    # 24 blocks, so that small-cut's first 20 are a real cut
-    return build_tiny_model("llama", tmp_path_factory.mktemp("refbase") / "llama24", num_hidden_layers=24)
+    # 30 blocks, as SmolLM2: small-cut keeps blocks 0-12 and 22-30
+    return build_tiny_model("llama", tmp_path_factory.mktemp("refbase") / "llama30", num_hidden_layers=30)
 
 
 def test_every_reference_recipe_validates(tiny_base, tmp_path):

@@ -32,7 +32,7 @@ def _cmd(root: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
-    build_tiny_model("llama", root / "base", num_hidden_layers=24)
+    build_tiny_model("llama", root / "base", num_hidden_layers=30)
     tiny_data_root(root / "data")
     return root
 
