@@ -132,12 +132,42 @@ def smol_outputs(gguf_root, smollm2) -> dict[str, Path]:
     return out
 
 
-def _convert(model: Path, gguf: Path) -> subprocess.CompletedProcess:
+def _convert_many(jobs: list[tuple[Path, Path]], work: Path) -> list[dict]:
+    """llama.cpp's convert_hf_to_gguf.py (f32) on each (model dir, GGUF path), all in one
+    process of its venv (tests/peers/convert_many.py: one interpreter and one import of the
+    converter instead of one per model); per job its exit code and stderr, as the command's."""
     import os
 
-    return subprocess.run([str(T4), str(LC / "convert_hf_to_gguf.py"), str(model), "--outfile", str(gguf),
-                           "--outtype", "f32"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(LC / "gguf-py")})
+    (work / "jobs.json").write_text(json.dumps([[str(m), str(g), "f32"] for m, g in jobs]))
+    r = subprocess.run([str(T4), str(ROOT / "tests" / "peers" / "convert_many.py"), str(work / "jobs.json"),
+                        str(work / "results.json")], capture_output=True, text=True, timeout=1800,
+                       env={**os.environ, "PYTHONPATH": str(LC / "gguf-py")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((work / "results.json").read_text())
+    assert len(results) == len(jobs)
+    return results
+
+
+@pytest.fixture
+def gguf_parsed_once(monkeypatch):
+    """transformers' GGUF loader parses the whole file (a 49,152-token vocabulary and its
+    merges: seconds each time) for the config, again for the weights, again for the
+    tokenizer, and this test once more for its own checks: here each file is parsed once and
+    the reader (which only reads) shared, keyed by the file's path, size and mtime."""
+    import os
+
+    import gguf
+
+    parse, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        st = os.stat(path)
+        key = (os.path.realpath(path), mode, st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
 
 
 ROPE = {"rope_type": "default", "rope_theta": THETA}
@@ -224,9 +254,48 @@ def _llama_permute(w, n: int):
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+ROW_TEST = "test_llama_cpp_converts_exports_of_every_family"
+MOE_TEST = "test_llama_cpp_converter_on_moe_outputs"
+
+
+@pytest.fixture(scope="module")
+def conversions(request, gguf_root, smollm2) -> dict[str, tuple[Path, Path, dict] | BaseException]:
+    """Every GGUF row this session runs (and the MoE outputs, when their test runs): the
+    surgery output exported, then all of them through the converter in one process. Per row
+    id (or MoE output name): (export dir, GGUF path, the converter's rc and stderr), or the
+    exception its surgery or export raised (re-raised by its own test)."""
+    mine = [item for item in request.session.items
+            if getattr(item, "module", None) is not None and item.module.__name__ == __name__]
+    rows = {p.id: p.values for p in GGUF_ROWS}
+    wanted = [item.callspec.id for item in mine if item.originalname == ROW_TEST]
+    out: dict = {}
+    jobs: dict[str, tuple[Path, Path]] = {}
+    for rid in wanted:
+        family, surgery, overrides, _ = rows[rid]
+        row = gguf_root / rid
+        try:
+            spm = request.getfixturevalue("sentencepiece_model") if family in SENTENCEPIECE else None
+            base = _gguf_base(gguf_root, family, overrides, smollm2, spm)
+            assert main(["-q", "surgery", surgery[0], str(base), str(row / "surgery"), *surgery[1:]]) == 0
+            assert main(["-q", "export", str(row / "surgery"), str(row / "export")]) == 0
+        except Exception as e:  # noqa: BLE001 - the row's own test fails with it
+            out[rid] = e
+            continue
+        jobs[rid] = (row / "export", row / "model.gguf")
+    if any(item.originalname == MOE_TEST for item in mine):
+        smol = request.getfixturevalue("smol_outputs")
+        for name in ("moe-mixtral", "moe-fine"):
+            jobs[name] = (smol[name], gguf_root / f"{name}.gguf")
+    if jobs:
+        results = _convert_many(list(jobs.values()), gguf_root)
+        out.update({k: (*jobs[k], r) for k, r in zip(jobs, results)})
+    return out
+
+
 @NEEDS_CONVERTER
 @pytest.mark.parametrize("family,surgery,overrides,back", GGUF_ROWS)
-def test_llama_cpp_converts_exports_of_every_family(family, surgery, overrides, back, gguf_root, smollm2, request):
+def test_llama_cpp_converts_exports_of_every_family(family, surgery, overrides, back, conversions, gguf_parsed_once,
+                                                    request):
     """A surgery output of each family, exported, through llama.cpp's convert_hf_to_gguf.py
     (f32): read back by transformers' GGUF loader with the same logits to the last bit where it
     reads the architecture, else the same tensors by gguf-py's reader."""
@@ -236,14 +305,12 @@ def test_llama_cpp_converts_exports_of_every_family(family, surgery, overrides, 
     from gguf import GGUFReader  # the project's own dependency (the embedded model is a GGUF)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spm = request.getfixturevalue("sentencepiece_model") if family in SENTENCEPIECE else None
-    base = _gguf_base(gguf_root, family, overrides, smollm2, spm)
-    row = gguf_root / request.node.callspec.id
-    assert main(["-q", "surgery", surgery[0], str(base), str(row / "surgery"), *surgery[1:]]) == 0
-    assert main(["-q", "export", str(row / "surgery"), str(row / "export")]) == 0
-    export, gguf = row / "export", row / "model.gguf"
-    r = _convert(export, gguf)
-    assert r.returncode == 0, r.stderr[-3000:]
+    built = conversions[request.node.callspec.id]
+    if isinstance(built, BaseException):
+        raise built
+    export, gguf, r = built
+    row = gguf.parent
+    assert r["rc"] == 0, r["stderr"][-3000:]
     ours = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     cfg = ours.config
 
@@ -306,16 +373,15 @@ def test_llama_cpp_converts_exports_of_every_family(family, surgery, overrides, 
 
 
 @NEEDS_CONVERTER
-def test_llama_cpp_converter_on_moe_outputs(smol_outputs, tmp_path):
+def test_llama_cpp_converter_on_moe_outputs(smol_outputs, conversions):
     """Mixtral-style copies convert (llama.cpp's stacked expert tensors, checked with its own
     gguf-py reader against the export); the fine-grained (Glm4-MoE) export does not: the
     converter asks the tokenizer for GLM's own [gMASK] token (docs/moe.md says what to do)."""
     import torch
     from safetensors.torch import load_file
 
-    gguf = tmp_path / "mixtral.gguf"
-    r = _convert(smol_outputs["moe-mixtral"], gguf)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, gguf, r = conversions["moe-mixtral"]
+    assert r["rc"] == 0, r["stderr"][-3000:]
     from gguf import GGUFReader  # the project's own dependency (the embedded model is a GGUF)
 
     tensors = {t.name: t for t in GGUFReader(gguf).tensors}
@@ -328,5 +394,5 @@ def test_llama_cpp_converter_on_moe_outputs(smol_outputs, tmp_path):
     assert torch.equal(torch.from_numpy(tensors["blk.0.ffn_gate_inp.weight"].data.copy()).reshape(4, -1),
                        ours["model.layers.0.block_sparse_moe.gate.weight"])
 
-    r = _convert(smol_outputs["moe-fine"], tmp_path / "fine.gguf")
-    assert r.returncode != 0 and "[gMASK]" in r.stderr, r.stderr[-2000:]
+    _, _, r = conversions["moe-fine"]
+    assert r["rc"] != 0 and "[gMASK]" in r["stderr"], r["stderr"][-2000:]

@@ -149,32 +149,53 @@ def test_source_already_moe(tiny_llama, tmp_path, capsys):
     assert not (tmp_path / "again").exists()
 
 
+def _logits_and_greedy(model_dir, dtype, ids, mask, **load):
+    """One load of ``model_dir`` in ``dtype``: its logits on (ids, mask) and its greedy
+    continuation (32 tokens, cached), as max_abs_diff computes them."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **load).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                                use_cache=True, pad_token_id=0, eos_token_id=None)
+    return logits, greedy
+
+
+@pytest.fixture(scope="module")
+def smollm2_dense(smollm2):
+    """The dense SmolLM2's side of test_smollm2_exact, the same for every upcycling: fp32
+    logits and greedy continuation, and fp64 logits (the reference), each model loaded once."""
+    from tests.test_llama_pro import padded_batch
+
+    ids, mask = padded_batch(49152)
+    logits32, greedy = _logits_and_greedy(smollm2, torch.float32, ids, mask)
+    with torch.no_grad():
+        d64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
+        logits64 = d64(input_ids=ids, attention_mask=mask).logits
+    return ids, mask, logits32, greedy, logits64
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["--experts", "4", "--top-k", "2"], ["--segments", "8", "--shared", "2", "--replicas", "2"]])
-def test_smollm2_exact(smollm2, tmp_path, capsys, args):
+def test_smollm2_exact(smollm2, smollm2_dense, tmp_path, capsys, args):
     """SmolLM2 (30 layers, logits up to ~35): in fp64 the upcycled model equals the dense one
     exactly; in fp32 the difference is rounding: the upcycled model's own fp32 error against
     the fp64 reference is of the size of the dense model's (at most twice it). The
     fine-grained split sums segments in another order, so its fp32 logits differ from the
     dense fp32 ones by 4.2e-5 on one machine and 6.9e-5 on another, where the dense model's
-    own fp32 error was 6.8e-5 and 5.5e-5: the same rounding, compared directly below."""
-    from tests.test_llama_pro import padded_batch
-
+    own fp32 error was 6.8e-5 and 5.5e-5: the same rounding, compared directly below.
+    (The dense side is computed once for both upcyclings: smollm2_dense.)"""
     out = tmp_path / "moe"
     code, _, err = moe(capsys, smollm2, out, *args)
     assert code == 0, err
-    delta, ga, gb = max_abs_diff(smollm2, out)
-    assert torch.equal(ga, gb)
-    ids, mask = padded_batch(49152)
+    ids, mask, dense32, dense_greedy, ref = smollm2_dense
+    moe32, moe_greedy = _logits_and_greedy(out, torch.float32, ids, mask)
+    delta = (dense32 - moe32).abs().max().item()
+    assert torch.equal(dense_greedy, moe_greedy)
     with torch.no_grad():
-        d64 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
         m64 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, experts_implementation="eager").eval()
-        ref = d64(input_ids=ids, attention_mask=mask).logits
         delta64 = (m64(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
-        del m64, d64
-        d32 = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-        dense_rounding = (d32(input_ids=ids, attention_mask=mask).logits.double() - ref).abs().max().item()
-        del d32
+        del m64
+        dense_rounding = (dense32.double() - ref).abs().max().item()
         m32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()
         moe_rounding = (m32(input_ids=ids, attention_mask=mask).logits.double() - ref).abs().max().item()
     print(f"SmolLM2 {' '.join(args)}: max |dlogit| fp32 = {delta:.3g}, fp64 = {delta64:.3g}; fp32-vs-fp64 error: "
