@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/compose_miniature.py [--only sum,proxy,cd] [--out bench/.cache/compose-mini]
 
-- sum    logit sum of `math` + `healed`: GSM8K / OpenStax / novels perplexity untrained and
-         with the heads trained (lmexpand train, default trainable set) on a 50/50 mix of
+- sum    logit sum of `math` + `healed`, weights 1 + 1 and 0.5 + 0.5: GSM8K / OpenStax /
+         novels perplexity untrained and with the heads trained (lmexpand train, default trainable set) on a 50/50 mix of
          GSM8K train and general English train text (~40k tokens), against each member alone.
-         The claim holds if the trained sum is within 5 % of `math` on GSM8K and within 2 %
-         of `healed` on general text.
+         The claim holds if a trained sum (the better weighting) is within 5 % of `math` on
+         GSM8K and within 2 % of `healed` on general text.
 - proxy  proxy-tuning of `healed` by `small-math` - `small` at alpha 0.5, 1, 1.5: GSM8K
          perplexity, against `healed` and `math` (tuned directly); gap closed =
          (base - proxy) / (base - math).
@@ -81,27 +81,42 @@ def mixed_training_file(path: Path, tokens: int) -> Path:
 
 
 def run_sum(m: dict[str, Path], out: Path, a: argparse.Namespace) -> dict:
+    """Two weightings: 1 + 1 (the plain sum: a product of experts, twice as sharp as either
+    member) and 0.5 + 0.5 (the normalized geometric mean of the two distributions); each
+    untrained and with its heads trained on the same mix."""
     sets = ("gsm8k", "openstax", "novels")
-    comp = surgery("logit-sum", out / "sum", m["math"], m["healed"])
     mix = mixed_training_file(out / "mix.jsonl", a.train_tokens)
-    run = out / "sum-run"
-    if not (run / "model" / "lmexpand.json").is_file():
-        steps = max(1, a.train_tokens // (a.seq_len * a.batch_size))
-        lmx("train", "--model", comp, "--data", mix, "--out", run, "--seq-len", a.seq_len, "--batch-size",
-            a.batch_size, "--max-steps", steps, "--lr", a.lr, "--val-every", 0, "--no-tensorboard", "--force")
     rows = {"math": ppl(m["math"], out / "eval-math", sets, a.eval_tokens, a.seq_len),
-            "healed": ppl(m["healed"], out / "eval-healed", sets, a.eval_tokens, a.seq_len),
-            "sum, untrained": ppl(comp, out / "eval-sum", sets, a.eval_tokens, a.seq_len),
-            "sum, heads trained": ppl(run / "model", out / "eval-sum-trained", sets, a.eval_tokens, a.seq_len)}
-    answers = greedy_answers({"math": m["math"], "healed": m["healed"], "sum, untrained": comp,
-                              "sum, heads trained": run / "model"}, out / "answers.json", a)
-    t = rows["sum, heads trained"]
-    verdict = {"gsm8k_vs_math": t["gsm8k"] / rows["math"]["gsm8k"] - 1,
-               "general_vs_healed": max(t[s] / rows["healed"][s] - 1 for s in ("openstax", "novels"))}
-    verdict["holds"] = verdict["gsm8k_vs_math"] <= 0.05 and verdict["general_vs_healed"] <= 0.02
+            "healed": ppl(m["healed"], out / "eval-healed", sets, a.eval_tokens, a.seq_len)}
+    models: dict[str, Path] = {"math": m["math"], "healed": m["healed"]}
+    runs = {}
+    for label, suffix, weights in (("sum", "", None), ("sum 0.5/0.5", "-half", "0.5,0.5")):
+        comp = surgery("logit-sum", out / f"sum{suffix}", m["math"], m["healed"],
+                       *(["--weights", weights] if weights else []))
+        run = out / f"sum{suffix}-run"
+        if not (run / "model" / "lmexpand.json").is_file():
+            steps = max(1, a.train_tokens // (a.seq_len * a.batch_size))
+            lmx("train", "--model", comp, "--data", mix, "--out", run, "--seq-len", a.seq_len, "--batch-size",
+                a.batch_size, "--max-steps", steps, "--lr", a.lr, "--val-every", 0, "--no-tensorboard", "--force")
+        rows[f"{label}, untrained"] = ppl(comp, out / f"eval-sum{suffix}", sets, a.eval_tokens, a.seq_len)
+        rows[f"{label}, heads trained"] = ppl(run / "model", out / f"eval-sum{suffix}-trained", sets, a.eval_tokens,
+                                              a.seq_len)
+        models[f"{label}, untrained"], models[f"{label}, heads trained"] = comp, run / "model"
+        runs[label] = run
+    answers = greedy_answers(models, out / "answers.json", a)
+    verdicts = {}
+    for label in runs:
+        t = rows[f"{label}, heads trained"]
+        v = {"gsm8k_vs_math": t["gsm8k"] / rows["math"]["gsm8k"] - 1,
+             "general_vs_healed": max(t[s] / rows["healed"][s] - 1 for s in ("openstax", "novels"))}
+        v["holds"] = v["gsm8k_vs_math"] <= 0.05 and v["general_vs_healed"] <= 0.02
+        verdicts[label] = v
+    # the verdict is the better trained weighting's (by its larger shortfall)
+    best = min(verdicts, key=lambda k: max(verdicts[k]["gsm8k_vs_math"], verdicts[k]["general_vs_healed"]))
+    verdict = {**verdicts[best], "row": f"{best}, heads trained", "each": verdicts}
     from bench._common import run_facts
 
-    return {"perplexity": rows, "verdict": verdict, "training": run_facts(run), "answers": answers}
+    return {"perplexity": rows, "verdict": verdict, "training": run_facts(runs["sum"]), "answers": answers}
 
 
 # The seed's kind of check (the logit sum that fixed "9.11 vs 9.9"): short arithmetic and
@@ -112,15 +127,25 @@ PROMPTS = ["Which is larger, 9.11 or 9.9?", "What is 17 + 25?", "What is 6 times
 
 
 def greedy_answers(models: dict[str, Path], cache: Path, a: argparse.Namespace) -> dict[str, list[str]]:
+    """Each model's answers, cached per model (a model added later runs alone). An answer is
+    the continuation up to the next "\nQuestion"; one that starts a new question at once is
+    shown as "(no answer: …)" with the start of the raw continuation."""
+    out: dict[str, list[str]] = {"prompts": PROMPTS}
     if cache.is_file():
-        return json.loads(cache.read_text())
+        old = json.loads(cache.read_text())
+        if old.get("prompts") == PROMPTS and old.get("format") == 2:
+            out.update({k: v for k, v in old.items() if k in models})
+    out["format"] = 2  # type: ignore[assignment]
+    if all(name in out for name in models):
+        return out
     import torch
 
     from lmexpand.checkpoint.tokenizer import load_tokenizer
     from lmexpand.compose.loading import load_model
 
-    out: dict[str, list[str]] = {"prompts": PROMPTS}
     for name, path in models.items():
+        if name in out:
+            continue
         tok = load_tokenizer(path)
         model = load_model(path, dtype=torch.float32).eval()
         answers = []
@@ -130,9 +155,10 @@ def greedy_answers(models: dict[str, Path], cache: Path, a: argparse.Namespace) 
                 g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.answer_tokens,
                                    do_sample=False, pad_token_id=tok.pad_token_id or 0, temperature=None, top_p=None,
                                    top_k=None)
-            answers.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True).split("\nQuestion")[0].strip())
+            text = tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True)
+            answers.append(text.split("\nQuestion")[0].strip() or f"(no answer: {text[:40].strip()!r}…)")
         out[name] = answers
-    cache.write_text(json.dumps(out, indent=2))
+        cache.write_text(json.dumps(out, indent=2))
     return out
 
 

@@ -125,16 +125,20 @@ def logit_sum(d: Path, rec: dict) -> tuple[str, dict]:
                   f"{_t(tr.get('seconds'))}."]
     ans = s.get("answers")
     if ans:
-        names = [k for k in ans if k != "prompts"]
+        names = [k for k in ans if k not in ("prompts", "format")]
         lines += ["", "Greedy answers (`Question: …\\nAnswer:`):", "",
                   "| question | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for i, q in enumerate(ans["prompts"]):
             cells = [ans[n][i].replace("|", "\\|").replace("\n", " ")[:80] for n in names]
             lines.append(f"| {q} | " + " | ".join(cells) + " |")
     v = s["verdict"]
-    lines += ["", "Rule: the trained sum within 5 % of `math` on GSM8K and within 2 % of `healed` on general text.",
-              f"- GSM8K vs math {_pct(v['gsm8k_vs_math'])}, general vs healed {_pct(v['general_vs_healed'])}: "
-              f"the claim {'holds' if v['holds'] else 'does not hold'}."]
+    lines += ["", "Rule: a trained sum (the better weighting) within 5 % of `math` on GSM8K and within 2 % of "
+                  "`healed` on general text."]
+    for label, e in (v.get("each") or {v.get("row", "sum"): v}).items():
+        lines.append(f"- {label}, heads trained: GSM8K vs math {_pct(e['gsm8k_vs_math'])}, general vs healed "
+                     f"{_pct(e['general_vs_healed'])}.")
+    lines.append(f"- The claim {'holds' if v['holds'] else 'does not hold'}"
+                 f"{' (' + v['row'] + ')' if v.get('row') else ''}.")
     return "\n".join(lines), {"verdict": v, "rows": rows}
 
 
@@ -311,7 +315,7 @@ def summary(blocks: dict[str, tuple[str, dict]]) -> str:
     ls = blocks["logit-sum"][1]
     if ls:
         v = ls["verdict"]
-        lines.append(f"| logit sum, heads trained | GSM8K {_pct(v['gsm8k_vs_math'])} vs math | "
+        lines.append(f"| logit {v.get('row', 'sum, heads trained')} | GSM8K {_pct(v['gsm8k_vs_math'])} vs math | "
                      f"{_pct(v['general_vs_healed'])} vs healed | heads only | {'holds' if v['holds'] else 'does not hold'} |")
     px = blocks["proxy"][1]
     if px:
