@@ -321,7 +321,7 @@ def summary(blocks: dict[str, tuple[str, dict]]) -> str:
     if px:
         best = max(px["gap_closed"].items(), key=lambda kv: kv[1])
         lines.append(f"| proxy-tuning (α {best[0]}) | {_share(best[1])} of the GSM8K gap closed | — | no training | "
-                     f"paper: 88–91 % |")
+                     f"{'reproduces' if best[1] >= 0.8 else 'does not reproduce'} the paper's 88–91 % |")
     cd = blocks["contrastive"][1]
     if cd:
         rows = cd["rows"]
@@ -330,7 +330,8 @@ def summary(blocks: dict[str, tuple[str, dict]]) -> str:
         if g and best:
             lines.append(f"| contrastive decoding ({best}) | repeated 4-grams {g['repeated_4gram']:.3f} → "
                          f"{rows[best]['repeated_4gram']:.3f} | ppl under healed {g['ppl_under_healed']:.2f} → "
-                         f"{rows[best]['ppl_under_healed']:.2f} | no training | — |")
+                         f"{rows[best]['ppl_under_healed']:.2f} | no training | "
+                         f"{'less repetition at every β' if all(rows[k]['repeated_4gram'] < g['repeated_4gram'] for k in rows if k.startswith('CD')) else 'more repetition at some β'} |")
     co = blocks["co-llm"][1]
     for k, v in co.get("verdict", {}).items():
         p = co["rows"][k]
