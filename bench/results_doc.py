@@ -265,38 +265,54 @@ def _replace(text: str, name: str, block: str) -> str:
     return f"{head}{start}\n{block}\n{end}{tail}"
 
 
-def render_all(out: Path) -> dict[str, tuple[str, dict]]:
+def render_all(out: Path, archive: dict | None = None) -> dict[str, tuple[str, dict]]:
+    """Each stage's block and facts: from this machine's finished stage when there is one
+    (recorded into ``archive``), else from ``archive`` (what an earlier machine measured and
+    committed), else "not measured yet"."""
+    archive = {} if archive is None else archive
     found = stage_results(out)
     blocks: dict[str, tuple[str, dict]] = {}
     for name, fn in RENDER.items():
         if name in found:
             rec = found[name]["record"]
             md, facts = fn(found[name]["dir"], rec)
-            blocks[name] = (md + f"\n\n*Stage `{name}`: {_t(rec['seconds'])} wall time, finished {rec['finished']}; "
-                            f"`.venv/bin/python bench/results.py --only {name}`.*", facts)
+            md += (f"\n\n*Stage `{name}`: {_t(rec['seconds'])} wall time, finished {rec['finished']}; "
+                   f"`.venv/bin/python bench/results.py --only {name}`.*")
+            blocks[name] = (md, facts)
+            archive[name] = {"key": rec["key"], "finished": rec["finished"], "seconds": rec["seconds"],
+                             "md": md, "facts": facts, "summary": SUMMARY[name](facts) if name in SUMMARY else []}
+        elif name in archive:
+            blocks[name] = (archive[name]["md"], archive[name].get("facts") or {})
         else:
             blocks[name] = ("*Not measured yet: `bench/results.py` has not finished this stage.*", {})
     return blocks
+
+def archive_path(doc: Path) -> Path:
+    """The committed record of every measured block, beside the page: a new machine (whose
+    caches are empty) renders what earlier machines measured from it instead of losing it."""
+    return doc.parent / "results-data.json"
 
 
 def write_doc(out: Path, doc: Path, family_doc: Path | None = None) -> None:
     global DOCS
     DOCS = doc.parent  # where the plots are copied beside the page
-    blocks = render_all(out)
+    arch_file = archive_path(doc)
+    archive = json.loads(arch_file.read_text()) if arch_file.is_file() else {}
+    blocks = render_all(out, archive)
     text = doc.read_text()
     for name, (md, _) in blocks.items():
         text = _replace(text, name, md)
-    text = _replace(text, "summary", summary(blocks))
+    text = _replace(text, "summary", summary(blocks, archive))
     doc.write_text(text)
+    tmp = arch_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(archive, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(arch_file)
     family_doc = family_doc or doc.parent / "reference-models.md"
     if family_doc.is_file():
         family_doc.write_text(_replace(family_doc.read_text(), "family-table", blocks["family-table"][0]))
 
-
-def summary(blocks: dict[str, tuple[str, dict]]) -> str:
-    """One line per method: domain gain, general change, compute, verdict."""
-    lines = ["| method | domain gain | general change | compute | verdict |", "|---|---|---|---|---|"]
-    ex = blocks["expansion"][1]
+def _sum_expansion(ex: dict) -> list[str]:
+    lines = []
     for name, v in ex.get("rows", {}).items():
         verdict = ""
         if name in ex.get("claim", {}):
@@ -304,55 +320,92 @@ def summary(blocks: dict[str, tuple[str, dict]]) -> str:
                       ("" if not ex["dominated"][name] else f"; dominated by {', '.join(ex['dominated'][name])}")
         lines.append(f"| {name} (expansion) | GSM8K ppl {_pct(v['domain'])} | {_pct(v['general'])} | "
                      f"{v['tokens'] or 0:,} tokens, {_t(v['seconds'])} | {verdict} |")
-    mg = blocks["merging"][1]
-    if mg:
-        best = mg["verdict"].get("best_merge")
-        row = mg["rows"].get(best, {}) if best else {}
-        if row:
-            lines.append(f"| merge: best = {best} | kept {_share(row['kept']['math'])} math / "
-                         f"{_share(row['kept']['code'])} code | {_pct(max(row['general_change'].values()))} | "
-                         f"no training | {'≥ 80 % of both kept' if mg['verdict']['some_merge_keeps_80_percent_of_both'] else 'no merge keeps 80 % of both'} |")
-    ls = blocks["logit-sum"][1]
-    if ls:
-        v = ls["verdict"]
-        lines.append(f"| logit {v.get('row', 'sum, heads trained')} | GSM8K {_pct(v['gsm8k_vs_math'])} vs math | "
-                     f"{_pct(v['general_vs_healed'])} vs healed | heads only | {'holds' if v['holds'] else 'does not hold'} |")
-    px = blocks["proxy"][1]
-    if px:
-        best = max(px["gap_closed"].items(), key=lambda kv: kv[1])
-        lines.append(f"| proxy-tuning (α {best[0]}) | {_share(best[1])} of the GSM8K gap closed | — | no training | "
-                     f"{'reproduces' if best[1] >= 0.8 else 'does not reproduce'} the paper's 88–91 % |")
-    cd = blocks["contrastive"][1]
-    if cd:
-        rows = cd["rows"]
-        g = rows.get("greedy (expert alone)")
-        best = min((k for k in rows if k.startswith("CD")), key=lambda k: rows[k]["repeated_4gram"], default=None)
-        if g and best:
-            lines.append(f"| contrastive decoding ({best}) | repeated 4-grams {g['repeated_4gram']:.3f} → "
-                         f"{rows[best]['repeated_4gram']:.3f} | ppl under healed {g['ppl_under_healed']:.2f} → "
-                         f"{rows[best]['ppl_under_healed']:.2f} | no training | "
-                         f"{'less repetition at every β' if all(rows[k]['repeated_4gram'] < g['repeated_4gram'] for k in rows if k.startswith('CD')) else 'more repetition at some β'} |")
-    co = blocks["co-llm"][1]
+    return lines
+
+
+def _sum_merging(mg: dict) -> list[str]:
+    best = mg.get("verdict", {}).get("best_merge")
+    row = mg.get("rows", {}).get(best, {}) if best else {}
+    if not row:
+        return []
+    return [f"| merge: best = {best} | kept {_share(row['kept']['math'])} math / "
+            f"{_share(row['kept']['code'])} code | {_pct(max(row['general_change'].values()))} | "
+            f"no training | {'≥ 80 % of both kept' if mg['verdict']['some_merge_keeps_80_percent_of_both'] else 'no merge keeps 80 % of both'} |"]
+
+
+def _sum_logit_sum(ls: dict) -> list[str]:
+    if not ls:
+        return []
+    v = ls["verdict"]
+    return [f"| logit {v.get('row', 'sum, heads trained')} | GSM8K {_pct(v['gsm8k_vs_math'])} vs math | "
+            f"{_pct(v['general_vs_healed'])} vs healed | heads only | {'holds' if v['holds'] else 'does not hold'} |"]
+
+
+def _sum_proxy(px: dict) -> list[str]:
+    if not px:
+        return []
+    best = max(px["gap_closed"].items(), key=lambda kv: kv[1])
+    return [f"| proxy-tuning (α {best[0]}) | {_share(best[1])} of the GSM8K gap closed | — | no training | "
+            f"{'reproduces' if best[1] >= 0.8 else 'does not reproduce'} the paper's 88–91 % |"]
+
+
+def _sum_contrastive(cd: dict) -> list[str]:
+    rows = cd.get("rows", {})
+    g = rows.get("greedy (expert alone)")
+    best = min((k for k in rows if k.startswith("CD")), key=lambda k: rows[k]["repeated_4gram"], default=None)
+    if not (g and best):
+        return []
+    every = all(rows[k]["repeated_4gram"] < g["repeated_4gram"] for k in rows if k.startswith("CD"))
+    return [f"| contrastive decoding ({best}) | repeated 4-grams {g['repeated_4gram']:.3f} → "
+            f"{rows[best]['repeated_4gram']:.3f} | ppl under healed {g['ppl_under_healed']:.2f} → "
+            f"{rows[best]['ppl_under_healed']:.2f} | no training | "
+            f"{'less repetition at every β' if every else 'more repetition at some β'} |"]
+
+
+def _sum_co_llm(co: dict) -> list[str]:
+    lines = []
     for k, v in co.get("verdict", {}).items():
         p = co["rows"][k]
         lines.append(f"| {k} | GSM8K ppl {p['gsm8k']:.3f} | {_pct(v['general_change'])} | gate"
                      f"{' + base' if 'base' in k.split(',')[-1] else ''} trained | "
                      f"{'holds' if v['holds'] else 'does not hold'} |")
-    df = blocks["deep-fusion"][1]
-    if df:
-        v = df["verdict"]
-        lines.append(f"| deep-fusion experts | code-span ppl −{_share(v['code_span_gain']['deep fusion'])} | "
-                     f"{'exactly 0' if v['deep_fusion_general_exactly_unchanged'] else 'changed'} | experts only | "
-                     f"LLaMA-Pro: −{_share(v['code_span_gain']['LLaMA-Pro'])} |")
-    cm = blocks["calm"][1]
-    if cm:
-        rows = cm["rows"]
-        lines.append(f"| CALM (toy key-value) | held-out EM {_share(rows.get('anchor alone'))} → "
-                     f"{_share(rows.get('composed (CALM)'))} | — | bridges only | — |")
+    return lines
+
+
+def _sum_deep_fusion(df: dict) -> list[str]:
+    if not df:
+        return []
+    v = df["verdict"]
+    return [f"| deep-fusion experts | code-span ppl −{_share(v['code_span_gain']['deep fusion'])} | "
+            f"{'exactly 0' if v['deep_fusion_general_exactly_unchanged'] else 'changed'} | experts only | "
+            f"LLaMA-Pro: −{_share(v['code_span_gain']['LLaMA-Pro'])} |"]
+
+
+def _sum_calm(cm: dict) -> list[str]:
+    rows = cm.get("rows")
+    if not rows:
+        return []
+    return [f"| CALM (toy key-value) | held-out EM {_share(rows.get('anchor alone'))} → "
+            f"{_share(rows.get('composed (CALM)'))} | — | bridges only | — |"]
+
+
+# the summary's rows of each stage, from its facts; in this order
+SUMMARY: dict[str, Callable[[dict], list[str]]] = {
+    "expansion": _sum_expansion, "merging": _sum_merging, "logit-sum": _sum_logit_sum, "proxy": _sum_proxy,
+    "contrastive": _sum_contrastive, "co-llm": _sum_co_llm, "deep-fusion": _sum_deep_fusion, "calm": _sum_calm,
+}
+
+
+def summary(blocks: dict[str, tuple[str, dict]], archive: dict | None = None) -> str:
+    """One line per method: domain gain, general change, compute, verdict. A stage measured on
+    an earlier machine gives the rows recorded in the archive."""
+    lines = ["| method | domain gain | general change | compute | verdict |", "|---|---|---|---|---|"]
+    for name, rows in SUMMARY.items():
+        facts = blocks.get(name, ("", {}))[1]
+        lines += rows(facts) if facts else list((archive or {}).get(name, {}).get("summary", []))
     if len(lines) == 2:
         lines.append("| *not measured yet* | | | | |")
     return "\n".join(lines)
-
 
 def main(argv: list[str] | None = None) -> None:
     import argparse

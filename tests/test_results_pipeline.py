@@ -115,3 +115,17 @@ def test_killed_pipeline_resumes_then_everything_is_cached(root, tmp_path):
         assert "|---" in block, name
     assert "Not measured yet" not in (docs / "reference-models.md").read_text()
     assert (docs / "results-expansion.png").is_file()
+
+    # 5. what was measured is recorded beside the page: a machine with no caches renders the same page
+    arch = json.loads((docs / "results-data.json").read_text())
+    for name in ("family-table", "expansion", "merging", "logit-sum", "proxy", "contrastive", "co-llm",
+                 "deep-fusion", "calm"):
+        assert arch[name]["md"] in text or name == "family-table", name
+        assert arch[name]["facts"], name
+    for name in ("expansion", "merging", "logit-sum", "proxy", "contrastive", "co-llm", "deep-fusion", "calm"):
+        assert arch[name]["summary"], name
+    family_text = (docs / "reference-models.md").read_text()
+    (tmp_path / "empty" / "done").mkdir(parents=True)
+    write_doc(tmp_path / "empty", docs / "results.md")
+    assert (docs / "results.md").read_text() == text
+    assert (docs / "reference-models.md").read_text() == family_text
