@@ -67,6 +67,8 @@ def evaluate(model: Path, out: Path, a) -> dict:
         for s, t in r["co_llm"].items():  # every set at that one threshold (eval's at_chosen)
             row[f"{s}_hard_switch"] = t["at_chosen"]["switch_ppl"]
             row[f"{s}_deferred"] = t["at_chosen"]["deferral_rate"]
+            # per token class (digits, operators, words, space/punctuation) at that threshold
+            row[f"{s}_deferred_by_class"] = {c: v["deferral_rate"] for c, v in t["at_chosen"]["by_class"].items()}
     return row
 
 

@@ -182,6 +182,14 @@ def co_llm(d: Path, rec: dict) -> tuple[str, dict]:
             if "gsm8k_deferred" in p else "—"
         lines.append(f"| {name} | {p['gsm8k']:.3f} | {p['openstax']:.3f} | {p['novels']:.3f} | {p['mixed']:.3f} | "
                      f"{hs} | {dr} |")
+    by_class = [(name, st, p[f"{st}_deferred_by_class"]) for name, p in rows.items()
+                for st in ("gsm8k", "openstax", "novels") if f"{st}_deferred_by_class" in p]
+    if by_class:
+        classes = ["digits", "operators", "words", "space/punctuation"]
+        lines += ["", "Deferred tokens by class, at the threshold chosen on GSM8K:", "",
+                  "| model | set | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
+        for name, st, cls in by_class:
+            lines.append(f"| {name} | {st} | " + " | ".join(_share(cls.get(c)) for c in classes) + " |")
     tr = r.get("training", {})
     if tr:
         lines += ["", "Training: " + "; ".join(f"{k} {v.get('tokens') or 0:,} tokens in {_t(v.get('seconds'))}"

@@ -248,5 +248,12 @@ def test_eval_reports_thresholds_and_deferral_by_class(pair, tmp_path, capsys):
     assert t["thresholds"][0]["switch_ppl"] == pytest.approx(t["base_ppl"], rel=1e-6)
     assert abs(res["perplexity"]["model"]["gsm8k"]["ppl"] - t["marginal_ppl"]) / t["marginal_ppl"] < 1e-3
     assert {"digits", "words"} <= set(t["by_class"]["best"])
+    # the first set's chosen threshold is its best: the same split by class, and the classes'
+    # rates weighted by their token counts give the overall rate
+    assert t["at_chosen"]["by_class"] == t["by_class"]["best"]
+    cls = t["at_chosen"]["by_class"]
+    assert sum(v["tokens"] for v in cls.values()) == t["tokens"]
+    assert sum(v["tokens"] * v["deferral_rate"] for v in cls.values()) / t["tokens"] == \
+        pytest.approx(t["at_chosen"]["deferral_rate"], abs=1e-9)
     report = (tmp_path / "e" / "report.md").read_text()
     assert "Co-LLM: deferral and thresholds" in report and (tmp_path / "e" / "co_llm.png").is_file()

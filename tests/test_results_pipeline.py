@@ -115,6 +115,7 @@ def test_killed_pipeline_resumes_then_everything_is_cached(root, tmp_path):
         assert "|---" in block, name
     assert "Not measured yet" not in (docs / "reference-models.md").read_text()
     assert (docs / "results-expansion.png").is_file()
+    assert "Deferred tokens by class" in text  # Co-LLM's deferral per set and per token class
 
     # 5. what was measured is recorded beside the page: a machine with no caches renders the same page
     arch = json.loads((docs / "results-data.json").read_text())

@@ -96,7 +96,8 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int, at:
         "thresholds": rows,
         "best": best,
         "at_chosen": {"threshold": chosen, "deferral_rate": chosen_defer.float().mean().item(),
-                      "switch_ppl": math.exp(torch.where(chosen_defer, -lp_a, -lp_b).mean().item())},
+                      "switch_ppl": math.exp(torch.where(chosen_defer, -lp_a, -lp_b).mean().item()),
+                      "by_class": by_class(chosen)},
         "by_class": {"model_threshold": by_class(own), "best": by_class(best["threshold"])},
     }
 
