@@ -257,3 +257,33 @@ def test_eval_reports_thresholds_and_deferral_by_class(pair, tmp_path, capsys):
         pytest.approx(t["at_chosen"]["deferral_rate"], abs=1e-9)
     report = (tmp_path / "e" / "report.md").read_text()
     assert "Co-LLM: deferral and thresholds" in report and (tmp_path / "e" / "co_llm.png").is_file()
+
+
+def test_eval_thresholds_hold_when_the_gate_saturates(pair, tmp_path, capsys):
+    """A confident gate gives σ(s) == 1.0 exactly in float32 on most tokens (the miniature's
+    gate-only row did: every quantile of σ(s) was 1.0 and every "target rate" deferred 0 %).
+    Thresholds are taken on the logit s, so the rates still step by 10 %."""
+    from safetensors.torch import save_file
+
+    from lmexpand.eval.co_llm import gate_and_target_log_probs
+    from tests.conftest import GSM8K_TEST
+
+    assert co_llm(capsys, *pair, tmp_path / "co")[0] == 0
+    model = with_random_gate(tmp_path / "co", std=200.0)
+    save_file({"gate.weight": model.gate.weight.detach().contiguous()}, tmp_path / "co" / "model.safetensors")
+    ids = list(range(3, 300))
+    s = gate_and_target_log_probs(model, ids, 64)[0]
+    saturated = ((torch.sigmoid(s.float()) == 1) | (torch.sigmoid(s.float()) == 0)).float().mean().item()
+    print(f"saturated gate values: {100 * saturated:.0f} %")
+    assert saturated > 0.5
+    code = main(["eval", str(tmp_path / "co"), "--data", f"gsm8k={GSM8K_TEST}", "--template",
+                 "Question: {question}\nAnswer: {answer}", "--max-tokens", "512", "--seq-len", "64", "--no-samples",
+                 "--out", str(tmp_path / "e")])
+    assert code == 0, capsys.readouterr().err
+    t = json.loads((tmp_path / "e" / "results.json").read_text())["co_llm"]["gsm8k"]
+    rates = [r["deferral_rate"] for r in t["thresholds"]]
+    assert all(abs(r - x / 10) < 0.02 for r, x in zip(rates, range(10))), rates
+    # the chosen threshold decides as the model's own hard switch does: s > logit(threshold)
+    c = t["at_chosen"]
+    assert c["threshold_logit"] is None or c["threshold"] == pytest.approx(torch.sigmoid(
+        torch.tensor(c["threshold_logit"], dtype=torch.float64)).item(), rel=1e-12)

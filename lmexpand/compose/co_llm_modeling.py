@@ -22,6 +22,7 @@ This file imports only torch and transformers (``lmexpand export`` ships it, ``a
 from __future__ import annotations
 
 import inspect as _inspect
+import math
 from typing import Any
 
 import torch
@@ -32,6 +33,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 CACHE_KW = "cache" if "cache" in _inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
     else "past_key_values"
+
+
+def _logit(p: float) -> float:
+    if p >= 1:
+        return math.inf
+    if p <= 0:
+        return -math.inf
+    return math.log(p) - math.log1p(-p)
 
 
 def postprocess_logits(config: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -211,7 +220,8 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
         """Hard switch at the last position: the assistant's logits where σ(s) > threshold."""
         z_b, s = self._base(input_ids, attention_mask, position_ids, cache, logits_to_keep or 1)
         z_b, s = z_b[:, -1:], s[:, -1:]
-        defer = torch.sigmoid(s) > self.threshold  # [B, 1]
+        # in logits: σ(s) saturates to exactly 1.0 in float32 for a confident gate
+        defer = s > _logit(self.threshold)  # [B, 1]
         self.deferrals.append(defer[:, 0].detach().cpu())
         self.gate_values.append(torch.sigmoid(s[:, 0]).detach().cpu())
         if cache is None:  # no cache: the assistant reads the whole sequence when needed

@@ -26,9 +26,25 @@ def token_class(piece: str) -> str:
     return "space/punctuation"
 
 
+def logit(p: float) -> float:
+    """The gate logit a probability threshold means (±inf at 1 and 0)."""
+    if p >= 1:
+        return math.inf
+    if p <= 0:
+        return -math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1 / (1 + math.exp(-x)) if math.isfinite(x) else 1.0
+    return math.exp(x) / (1 + math.exp(x)) if math.isfinite(x) else 0.0
+
+
 def gate_and_target_log_probs(model: Any, ids: list[int], seq_len: int, batch_size: int = 4):
-    """Per target token (disjoint windows of seq_len): the gate g, log p_base(y),
-    log p_assistant(y), and y."""
+    """Per target token (disjoint windows of seq_len): the gate's logit s (g = σ(s); ranked in
+    logits, since a trained gate saturates σ to exactly 1.0 in float32 and every quantile of g
+    would tie), log p_base(y), log p_assistant(y), and y."""
     import torch
 
     gates, lp_b, lp_a, ys = [], [], [], []
@@ -49,56 +65,62 @@ def gate_and_target_log_probs(model: Any, ids: list[int], seq_len: int, batch_si
             for r, w in enumerate(group):
                 n = len(w) - 1
                 y = torch.tensor(w[1:])
-                gates.append(torch.sigmoid(s[r, :n]))
+                gates.append(s[r, :n].double())
                 lp_b.append(torch.log_softmax(z_b[r, :n].float(), -1).gather(-1, y[:, None]).squeeze(-1))
                 lp_a.append(torch.log_softmax(z_a[r, :n].float(), -1).gather(-1, y[:, None]).squeeze(-1))
                 ys.append(y)
     return torch.cat(gates), torch.cat(lp_b), torch.cat(lp_a), torch.cat(ys)
 
 
-def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int, at: float | None = None) -> dict[str, Any]:
-    """The table for one set; ``at_chosen``: the hard switch at threshold ``at`` (the best of
-    the first set, for the others), or at this set's own best."""
+def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int,
+                   at_logit: float | None = None) -> dict[str, Any]:
+    """The table for one set; ``at_chosen``: the hard switch at the gate logit ``at_logit``
+    (the best of the first set, for the others), or at this set's own best. A token defers
+    where s > the threshold's logit, as the model's own hard switch decides."""
     import torch
 
-    g, lp_b, lp_a, y = gate_and_target_log_probs(model, ids, seq_len)
-    marginal = -torch.logaddexp(torch.log1p(-g.clamp(max=1 - 1e-7)) + lp_b, torch.log(g.clamp(min=1e-30)) + lp_a)
+    s, lp_b, lp_a, y = gate_and_target_log_probs(model, ids, seq_len)
+    lp_b, lp_a = lp_b.double(), lp_a.double()
+    marginal = -torch.logaddexp(torch.nn.functional.logsigmoid(-s) + lp_b, torch.nn.functional.logsigmoid(s) + lp_a)
     rows = []
     for rate in RATES:
-        eta = 1.0 if rate == 0 else float(torch.quantile(g.double(), 1 - rate))
-        defer = g > eta
+        lo = math.inf if rate == 0 else float(torch.quantile(s, 1 - rate))
+        defer = s > lo
         nll = torch.where(defer, -lp_a, -lp_b)
-        rows.append({"target_rate": rate, "threshold": eta, "deferral_rate": defer.float().mean().item(),
-                     "switch_ppl": math.exp(nll.mean().item())})
-    own = float(model.config.threshold)
+        rows.append({"target_rate": rate, "threshold": _sigmoid(lo),
+                     "threshold_logit": lo if math.isfinite(lo) else None,
+                     "deferral_rate": defer.float().mean().item(), "switch_ppl": math.exp(nll.mean().item())})
+    own = logit(float(model.config.threshold))
     classes = [token_class(tokenizer.decode([t])) for t in y.tolist()]
 
     def by_class(eta: float) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        defer = (g > eta).tolist()
+        defer = (s > eta).tolist()
         for c in sorted(set(classes)):
             idx = [i for i, k in enumerate(classes) if k == c]
             out[c] = {"tokens": len(idx), "deferral_rate": sum(defer[i] for i in idx) / len(idx)}
         return out
 
     best = min(rows, key=lambda r: r["switch_ppl"])
-    chosen = best["threshold"] if at is None else at
-    chosen_defer = g > chosen
-    own_defer = g > own
+    best_logit = math.inf if best["threshold_logit"] is None else best["threshold_logit"]
+    chosen = best_logit if at_logit is None else at_logit
+    chosen_defer = s > chosen
+    own_defer = s > own
     return {
         "tokens": int(len(y)),
         "marginal_ppl": math.exp(marginal.mean().item()),
         "base_ppl": math.exp(-lp_b.mean().item()),
         "assistant_ppl": math.exp(-lp_a.mean().item()),
-        "model_threshold": own,
+        "model_threshold": float(model.config.threshold),
         "model_threshold_deferral_rate": own_defer.float().mean().item(),
         "model_threshold_switch_ppl": math.exp(torch.where(own_defer, -lp_a, -lp_b).mean().item()),
         "thresholds": rows,
         "best": best,
-        "at_chosen": {"threshold": chosen, "deferral_rate": chosen_defer.float().mean().item(),
+        "at_chosen": {"threshold": _sigmoid(chosen),
+                      "threshold_logit": chosen if math.isfinite(chosen) else None, "deferral_rate": chosen_defer.float().mean().item(),
                       "switch_ppl": math.exp(torch.where(chosen_defer, -lp_a, -lp_b).mean().item()),
                       "by_class": by_class(chosen)},
-        "by_class": {"model_threshold": by_class(own), "best": by_class(best["threshold"])},
+        "by_class": {"model_threshold": by_class(own), "best": by_class(best_logit)},
     }
 
 
@@ -114,12 +136,13 @@ def render(co: dict[str, dict[str, Any]]) -> list[str]:
                   f"{t['marginal_ppl']:.4f}; at the model's threshold {t['model_threshold']:g}: "
                   f"{100 * t['model_threshold_deferral_rate']:.1f} % deferred, hard switch "
                   f"{t['model_threshold_switch_ppl']:.4f}.", "",
-                  "| target rate | threshold | deferred | hard-switch ppl |", "|---|---|---|---|"]
+                  "| target rate | threshold | gate logit | deferred | hard-switch ppl |", "|---|---|---|---|---|"]
         for r in t["thresholds"]:
-            lines.append(f"| {100 * r['target_rate']:.0f} % | {r['threshold']:.4f} | {100 * r['deferral_rate']:.1f} % "
-                         f"| {r['switch_ppl']:.4f} |")
+            lo = "∞" if r.get("threshold_logit") is None else f"{r['threshold_logit']:.3f}"
+            lines.append(f"| {100 * r['target_rate']:.0f} % | {r['threshold']:.10g} | {lo} | "
+                         f"{100 * r['deferral_rate']:.1f} % | {r['switch_ppl']:.4f} |")
         c = t["at_chosen"]
-        lines += ["", f"At the chosen threshold {c['threshold']:.4f} (the first set's best): "
+        lines += ["", f"At the chosen threshold {c['threshold']:.10g} (the first set's best): "
                   f"{100 * c['deferral_rate']:.1f} % deferred, hard switch {c['switch_ppl']:.4f}."]
         lines += ["", "Deferral by token class (model's threshold / best threshold): " + ", ".join(
             f"{c} {100 * v['deferral_rate']:.1f} % / {100 * t['by_class']['best'][c]['deferral_rate']:.1f} % "

@@ -197,10 +197,10 @@ def run_eval(model_spec: str, text_sets: Sequence[TextSet], out: Path, *, base: 
             first = deferral_table(model, tok, streams[text_sets[0].name], seq_len)
             best = first["best"]
             results["co_llm"] = {text_sets[0].name: first, **{
-                ts.name: deferral_table(model, tok, streams[ts.name], seq_len, at=best["threshold"])
+                ts.name: deferral_table(model, tok, streams[ts.name], seq_len, at_logit=best["threshold_logit"])
                 for ts in text_sets[1:]}}
-            log.info("co-llm: best threshold on %s %.4f (%.1f %% deferred, hard-switch ppl %.3f): use it with "
-                     "`lmexpand generate --threshold %.4f`", text_sets[0].name, best["threshold"],
+            log.info("co-llm: best threshold on %s %.10g (%.1f %% deferred, hard-switch ppl %.3f): use it with "
+                     "`lmexpand generate --threshold %.10g`", text_sets[0].name, best["threshold"],
                      100 * best["deferral_rate"], best["switch_ppl"], best["threshold"])
         if label not in ("base", "model"):
             del loaded[label]
