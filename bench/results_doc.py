@@ -313,7 +313,8 @@ def write_doc(out: Path, doc: Path, family_doc: Path | None = None) -> None:
     text = _replace(text, "summary", summary(blocks, archive))
     doc.write_text(text)
     tmp = arch_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(archive, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    # stages in name order; inside each, the order the renderer gave (rows are in table order)
+    tmp.write_text(json.dumps({k: archive[k] for k in sorted(archive)}, indent=1, ensure_ascii=False) + "\n")
     tmp.replace(arch_file)
     family_doc = family_doc or doc.parent / "reference-models.md"
     if family_doc.is_file():

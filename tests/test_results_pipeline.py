@@ -122,7 +122,7 @@ def test_killed_pipeline_resumes_then_everything_is_cached(root, tmp_path):
     for name in ("family-table", "expansion", "merging", "logit-sum", "proxy", "contrastive", "co-llm",
                  "deep-fusion", "calm"):
         assert arch[name]["md"] in text or name == "family-table", name
-        assert arch[name]["facts"], name
+        assert arch[name]["facts"] or name == "family-table", name  # the table has no summary row
     for name in ("expansion", "merging", "logit-sum", "proxy", "contrastive", "co-llm", "deep-fusion", "calm"):
         assert arch[name]["summary"], name
     family_text = (docs / "reference-models.md").read_text()
