@@ -177,7 +177,9 @@ def co_llm(d: Path, rec: dict) -> tuple[str, dict]:
     lines = ["| model | GSM8K ppl | OpenStax ppl | novels ppl | mixed ppl | GSM8K hard switch | deferred GSM8K / "
              "OpenStax / novels |", "|---|---|---|---|---|---|---|"]
     for name, p in rows.items():
-        hs = f"{p['gsm8k_hard_switch']:.3f} (t={p['best_threshold_on_gsm8k']:.3g})" if "gsm8k_hard_switch" in p else "—"
+        t = p.get("best_threshold_on_gsm8k")
+        t = "—" if t is None else f"{t:.10g}" if t > 0.999 else f"{t:.3g}"  # a confident gate's threshold is near 1
+        hs = f"{p['gsm8k_hard_switch']:.3f} (t={t})" if "gsm8k_hard_switch" in p else "—"
         dr = " / ".join(_share(p.get(f"{s}_deferred")) for s in ("gsm8k", "openstax", "novels")) \
             if "gsm8k_deferred" in p else "—"
         lines.append(f"| {name} | {p['gsm8k']:.3f} | {p['openstax']:.3f} | {p['novels']:.3f} | {p['mixed']:.3f} | "
