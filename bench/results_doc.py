@@ -379,7 +379,8 @@ def _sum_co_llm(co: dict) -> list[str]:
         p = co["rows"][k]
         lines.append(f"| {k} | GSM8K ppl {p['gsm8k']:.3f} | {_pct(v['general_change'])} | gate"
                      f"{' + base' if 'base' in k.split(',')[-1] else ''} trained | "
-                     f"{'holds' if v['holds'] else 'does not hold'} |")
+                     f"{'holds' if v['holds'] else 'does not hold'} ("
+                     f"{'beats' if v['beats_both_on_gsm8k'] else 'does not beat'} both members on GSM8K) |")
     return lines
 
 
@@ -389,15 +390,19 @@ def _sum_deep_fusion(df: dict) -> list[str]:
     v = df["verdict"]
     return [f"| deep-fusion experts | code-span ppl −{_share(v['code_span_gain']['deep fusion'])} | "
             f"{'exactly 0' if v['deep_fusion_general_exactly_unchanged'] else 'changed'} | experts only | "
-            f"LLaMA-Pro: −{_share(v['code_span_gain']['LLaMA-Pro'])} |"]
+            f"{'holds' if v['deep_fusion_general_exactly_unchanged'] and v['code_span_gain']['deep fusion'] > 0 else 'does not hold'}"
+            f" (LLaMA-Pro on the same tokens: −{_share(v['code_span_gain']['LLaMA-Pro'])}) |"]
 
 
 def _sum_calm(cm: dict) -> list[str]:
     rows = cm.get("rows")
     if not rows:
         return []
-    return [f"| CALM (toy key-value) | held-out EM {_share(rows.get('anchor alone'))} → "
-            f"{_share(rows.get('composed (CALM)'))} | — | bridges only | — |"]
+    anchor, calm, control = (rows.get(k) for k in ("anchor alone", "composed (CALM)",
+                                                   "control: untrained augmenting model"))
+    holds = None not in (anchor, calm) and calm > anchor + 0.05 and (control is None or calm > control + 0.05)
+    return [f"| CALM (toy key-value) | held-out EM {_share(anchor)} → {_share(calm)} | — | bridges only | "
+            f"{'holds' if holds else 'does not hold'} (control: untrained augmenting model {_share(control)}) |"]
 
 
 # the summary's rows of each stage, from its facts; in this order
