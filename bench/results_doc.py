@@ -312,7 +312,7 @@ def write_doc(out: Path, doc: Path, family_doc: Path | None = None) -> None:
     text = doc.read_text()
     for name, (md, _) in blocks.items():
         text = _replace(text, name, md)
-    text = _replace(text, "summary", summary(blocks, archive))
+    text = _replace(text, "summary", summary(archive))
     doc.write_text(text)
     tmp = arch_file.with_suffix(".tmp")
     # stages in name order; inside each, the order the renderer gave (rows are in table order)
@@ -412,16 +412,16 @@ SUMMARY: dict[str, Callable[[dict], list[str]]] = {
 }
 
 
-def summary(blocks: dict[str, tuple[str, dict]], archive: dict | None = None) -> str:
-    """One line per method: domain gain, general change, compute, verdict. A stage measured on
-    an earlier machine gives the rows recorded in the archive."""
+def summary(archive: dict) -> str:
+    """One line per method: domain gain, general change, compute, verdict; the rows each stage
+    recorded (render_all records this machine's stages, earlier machines' stay as recorded)."""
     lines = ["| method | domain gain | general change | compute | verdict |", "|---|---|---|---|---|"]
-    for name, rows in SUMMARY.items():
-        facts = blocks.get(name, ("", {}))[1]
-        lines += rows(facts) if facts else list((archive or {}).get(name, {}).get("summary", []))
+    for name in SUMMARY:
+        lines += archive.get(name, {}).get("summary", [])
     if len(lines) == 2:
         lines.append("| *not measured yet* | | | | |")
     return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> None:
     import argparse

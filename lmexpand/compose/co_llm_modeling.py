@@ -216,12 +216,17 @@ class CoLlmForCausalLM(PreTrainedModel, GenerationMixin):
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KW: cache})
 
+    def threshold_logit(self) -> float:
+        """The hard switch's rule in the gate's logit: defer where s > logit(threshold). σ(s)
+        saturates to exactly 1.0 in float32 for a confident gate, where no probability
+        threshold separates tokens; ``lmexpand eval`` decides by this same rule."""
+        return _logit(self.threshold)
+
     def _switch(self, input_ids, attention_mask, position_ids, cache, logits_to_keep) -> torch.Tensor:
         """Hard switch at the last position: the assistant's logits where σ(s) > threshold."""
         z_b, s = self._base(input_ids, attention_mask, position_ids, cache, logits_to_keep or 1)
         z_b, s = z_b[:, -1:], s[:, -1:]
-        # in logits: σ(s) saturates to exactly 1.0 in float32 for a confident gate
-        defer = s > _logit(self.threshold)  # [B, 1]
+        defer = s > self.threshold_logit()  # [B, 1]
         self.deferrals.append(defer[:, 0].detach().cpu())
         self.gate_values.append(torch.sigmoid(s[:, 0]).detach().cpu())
         if cache is None:  # no cache: the assistant reads the whole sequence when needed

@@ -26,21 +26,6 @@ def token_class(piece: str) -> str:
     return "space/punctuation"
 
 
-def logit(p: float) -> float:
-    """The gate logit a probability threshold means (±inf at 1 and 0)."""
-    if p >= 1:
-        return math.inf
-    if p <= 0:
-        return -math.inf
-    return math.log(p) - math.log1p(-p)
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1 / (1 + math.exp(-x)) if math.isfinite(x) else 1.0
-    return math.exp(x) / (1 + math.exp(x)) if math.isfinite(x) else 0.0
-
-
 def gate_and_target_log_probs(model: Any, ids: list[int], seq_len: int, batch_size: int = 4):
     """Per target token (disjoint windows of seq_len): the gate's logit s (g = σ(s); ranked in
     logits, since a trained gate saturates σ to exactly 1.0 in float32 and every quantile of g
@@ -80,6 +65,10 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int,
     import torch
 
     s, lp_b, lp_a, y = gate_and_target_log_probs(model, ids, seq_len)
+
+    def prob(lo: float) -> float:  # the probability threshold a gate logit means (±inf: 1 and 0)
+        return torch.sigmoid(torch.tensor(lo, dtype=torch.float64)).item()
+
     lp_b, lp_a = lp_b.double(), lp_a.double()
     marginal = -torch.logaddexp(torch.nn.functional.logsigmoid(-s) + lp_b, torch.nn.functional.logsigmoid(s) + lp_a)
     rows = []
@@ -87,10 +76,10 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int,
         lo = math.inf if rate == 0 else float(torch.quantile(s, 1 - rate))
         defer = s > lo
         nll = torch.where(defer, -lp_a, -lp_b)
-        rows.append({"target_rate": rate, "threshold": _sigmoid(lo),
+        rows.append({"target_rate": rate, "threshold": prob(lo),
                      "threshold_logit": lo if math.isfinite(lo) else None,
                      "deferral_rate": defer.float().mean().item(), "switch_ppl": math.exp(nll.mean().item())})
-    own = logit(float(model.config.threshold))
+    own = model.threshold_logit()  # the model's own hard-switch rule
     classes = [token_class(tokenizer.decode([t])) for t in y.tolist()]
 
     def by_class(eta: float) -> dict[str, dict[str, float]]:
@@ -116,7 +105,7 @@ def deferral_table(model: Any, tokenizer: Any, ids: list[int], seq_len: int,
         "model_threshold_switch_ppl": math.exp(torch.where(own_defer, -lp_a, -lp_b).mean().item()),
         "thresholds": rows,
         "best": best,
-        "at_chosen": {"threshold": _sigmoid(chosen),
+        "at_chosen": {"threshold": prob(chosen),
                       "threshold_logit": chosen if math.isfinite(chosen) else None, "deferral_rate": chosen_defer.float().mean().item(),
                       "switch_ppl": math.exp(torch.where(chosen_defer, -lp_a, -lp_b).mean().item()),
                       "by_class": by_class(chosen)},
