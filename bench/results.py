@@ -80,6 +80,9 @@ class Stage:
     work: Callable[[dict], float]  # budget -> token-equivalents of full fine-tuning
     seconds: float = 0.0  # fixed cost not in tokens (the toy CALM models)
     watch: Callable[[Path], list[Path]] = field(default=lambda out: [out])
+    # small result files (globs under the stage's directory) its script reuses when their keys still
+    # hold: mirrored into --keep as they appear, and put back from there before the stage runs
+    keep: tuple[str, ...] = ()
 
 
 def _family_stage(name: str) -> Stage:
@@ -166,7 +169,7 @@ STAGES: list[Stage] = [_family_stage(n) for n in FAMILY] + [
           lambda b, m, out: ["--base-dir", m["healed"], "--steps", str(b["expansion_steps"]), "--rows",
                              ",".join(EXPANSION_ROWS), "--out", str(out), *_common(b)],
           lambda b: sum(ROW_COST[r.split("@")[0]] for r in EXPANSION_ROWS) * b["expansion_steps"] * b["batch"]
-          * b["seq"] + _ev(b, len(EXPANSION_ROWS) + 1, 3)),
+          * b["seq"] + _ev(b, len(EXPANSION_ROWS) + 1, 3), keep=("rows/*.json", "eval-base-*/results.json")),
 ]
 # the longest miniature last: every other verdict exists hours before it ends
 BY_NAME = {s.name: s for s in STAGES}
@@ -273,6 +276,61 @@ def estimate(stage: Stage, b: dict, tps: float) -> float:
     return stage.work(b) / tps + seconds
 
 
+# ------------------------------------------------------------------------------------ keeping
+
+
+def _kept(keep: Path, stage: Stage, dir_key: str) -> Path:
+    return keep / f"{stage.name.replace(':', '-')}-{dir_key}"
+
+
+def mirror(stage: Stage, stage_out: Path, kept: Path) -> int:
+    """Copy the stage's finished small results (``stage.keep``) into ``kept``: a directory that
+    is committed, so a replaced machine loses at most the row that was running. Each file is
+    written whole (temporary name, then rename), and only once it parses: returns how many were
+    new or changed."""
+    n = 0
+    for pattern in stage.keep:
+        for src in stage_out.glob(pattern):
+            dst = kept / src.relative_to(stage_out)
+            data = src.read_bytes()
+            if dst.is_file() and dst.read_bytes() == data:
+                continue
+            try:  # a file its script is still writing is taken on the next pass
+                json.loads(data)
+            except ValueError:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+            n += 1
+    return n
+
+
+def restore(stage: Stage, stage_out: Path, kept: Path) -> int:
+    """Put the kept results back into a stage directory that lacks them (a new machine): the
+    stage's script then reuses every one whose key still holds, and recomputes the rest."""
+    n = 0
+    for pattern in stage.keep:
+        for src in kept.glob(pattern):
+            dst = stage_out / src.relative_to(kept)
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+                n += 1
+    return n
+
+
+def prune(keep: Path, current: set[str]) -> None:
+    """Drop kept directories that no stage's present inputs name any more."""
+    if keep.is_dir():
+        for d in keep.iterdir():
+            if d.is_dir() and d.name not in current:
+                for f in sorted(d.rglob("*"), reverse=True):
+                    f.unlink() if f.is_file() else f.rmdir()
+                d.rmdir()
+
+
 # ------------------------------------------------------------------------------------ running
 
 
@@ -344,12 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family-root", type=Path, default=None, help="default $LMEXPAND_CACHE/reference")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--doc", type=Path, default=None, help="write the measured tables into this Markdown file")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="where each stage's finished rows are mirrored as they appear (default: bench/results-kept "
+                         "for the full budget, committed; OUT/kept otherwise)")
     a = ap.parse_args(argv)
     b = BUDGETS[a.budget]
     FAMILY_CTX.update(base=a.base, data_root=a.data_root.resolve(),
                       root=(a.family_root or rm.cache_root()).resolve())
     out = a.out.resolve()
     (out / "done").mkdir(parents=True, exist_ok=True)
+    keep = (a.keep or (ROOT / "bench" / "results-kept" if a.budget == "full" else out / "kept")).resolve()
     wanted = [s.strip() for s in a.only.split(",")] if a.only else [s.name for s in STAGES]
     unknown = [w for w in wanted if w not in BY_NAME]
     if unknown:
@@ -375,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(plan, tps, source)
     if a.plan:
         return 0
+    prune(keep, {_kept(keep, s, stage_key(s, b, keys)[1]).name for s in STAGES if s.keep})
     left = sum(e for _, _, _, e, d in plan if not d)
     t_all = time.perf_counter()
     for i, (stage, key, dir_key, est, done) in enumerate(plan, 1):
@@ -384,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stage_out = out / f"{stage.name.replace(':', '-')}-{dir_key}"
         stage_out.mkdir(parents=True, exist_ok=True)
+        kept = _kept(keep, stage, dir_key)
+        if restore(stage, stage_out, kept):
+            print(f"{label} reusing the rows kept in {kept}", flush=True)
         models = {n: _model_dir(n, keys) for n in stage.needs}
         cmd = [sys.executable, str(ROOT / "bench" / stage.script), *stage.args(b, models, stage_out)]
         print(f"{label} start (estimate {_fmt(est)}; pipeline left {_fmt(left)})", flush=True)
@@ -392,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def beat(stage=stage, stage_out=stage_out, est=est, t0=t0, left=left, label=label) -> None:
             while not stop.wait(a.every):
+                mirror(stage, stage_out, kept)
                 el = time.perf_counter() - t0
                 print(f"{label} {_fmt(el)} of ~{_fmt(est)}{training_progress(stage.watch(stage_out))}; "
                       f"pipeline ETA {_fmt(max(left - el, est - el, 0))}", flush=True)
@@ -402,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             _run(cmd, log=stage_out / "log.txt")
         finally:
             stop.set()
+            mirror(stage, stage_out, kept)
         seconds = time.perf_counter() - t0
         record = {"stage": stage.name, "key": key, "script": f"bench/{stage.script}",
                   "args": stage.args(b, {n: f"@{n}" for n in FAMILY}, Path("@out")),

@@ -1,7 +1,7 @@
 """bench/results.py: the whole results pipeline (reference family + every miniature) on a tiny
 model with tiny budgets. It produces every stage with its lineage, prints a plan of every
-stage, resumes after a kill mid-run, reuses its cache on a second call, and its outputs render
-into docs/results.md's tables. No test trains the real family: that is the benchmark."""
+stage, resumes after a kill mid-run, reuses its cache on a second call, gives a replaced
+machine its finished rows back, and its outputs render into docs/results.md's tables. No test trains the real family: that is the benchmark."""
 
 from __future__ import annotations
 
@@ -130,3 +130,21 @@ def test_killed_pipeline_resumes_then_everything_is_cached(root, tmp_path):
     write_doc(tmp_path / "empty", docs / "results.md")
     assert (docs / "results.md").read_text() == text
     assert (docs / "reference-models.md").read_text() == family_text
+
+    # 6. a replaced machine (no stage caches, the same family): the expansion rows mirrored into
+    # the kept directory as they finished come back, and no row trains again
+    kept = root / "out" / "kept"
+    rows_kept = list(kept.glob("expansion-*/rows/*.json"))
+    assert {p.stem for p in rows_kept} == set(rows) - {"base"}
+    for p in rows_kept:
+        assert json.loads(p.read_text()) == rows[p.stem]
+    r = subprocess.run([*_cmd(root, "--only", "expansion"), "--out", str(tmp_path / "new"), "--keep", str(kept)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "reusing the rows kept in" in r.stdout
+    stage_dir = next((tmp_path / "new").glob("expansion-*"))
+    log = (stage_dir / "log.txt").read_text()
+    assert all(f"{row}: cached" in log for row in set(rows) - {"base"}), log
+    assert not list(stage_dir.glob("run-*"))
+    assert [p.name.split("-")[1] for p in stage_dir.glob("eval-*")] == ["base"]  # the kept one, not re-run
+    assert json.loads((stage_dir / "miniature.json").read_text())["rows"] == rows
