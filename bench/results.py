@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,8 +280,9 @@ def estimate(stage: Stage, b: dict, tps: float) -> float:
 # ------------------------------------------------------------------------------------ keeping
 
 
-def _kept(keep: Path, stage: Stage, dir_key: str) -> Path:
-    return keep / f"{stage.name.replace(':', '-')}-{dir_key}"
+def _dir_name(stage: Stage, dir_key: str) -> str:
+    """A stage's directory name, under OUT and under --keep alike."""
+    return f"{stage.name.replace(':', '-')}-{dir_key}"
 
 
 def mirror(stage: Stage, stage_out: Path, kept: Path) -> int:
@@ -326,9 +328,7 @@ def prune(keep: Path, current: set[str]) -> None:
     if keep.is_dir():
         for d in keep.iterdir():
             if d.is_dir() and d.name not in current:
-                for f in sorted(d.rglob("*"), reverse=True):
-                    f.unlink() if f.is_file() else f.rmdir()
-                d.rmdir()
+                shutil.rmtree(d)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(plan, tps, source)
     if a.plan:
         return 0
-    prune(keep, {_kept(keep, s, stage_key(s, b, keys)[1]).name for s in STAGES if s.keep})
+    prune(keep, {_dir_name(s, stage_key(s, b, keys)[1]) for s in STAGES if s.keep})
     left = sum(e for _, _, _, e, d in plan if not d)
     t_all = time.perf_counter()
     for i, (stage, key, dir_key, est, done) in enumerate(plan, 1):
@@ -445,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         if done:
             print(f"{label} cached", flush=True)
             continue
-        stage_out = out / f"{stage.name.replace(':', '-')}-{dir_key}"
+        stage_out = out / _dir_name(stage, dir_key)
         stage_out.mkdir(parents=True, exist_ok=True)
-        kept = _kept(keep, stage, dir_key)
+        kept = keep / stage_out.name
         if restore(stage, stage_out, kept):
             print(f"{label} reusing the rows kept in {kept}", flush=True)
         models = {n: _model_dir(n, keys) for n in stage.needs}
