@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # tests wait on subprocesses, file I/O and imports with one core busy, so two processes on two
 # cores take about two thirds of the time of one. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 # Every other dependency at a known-good version (pip constraints); `make lock` refreshes it.
 LOCK := requirements/lock.txt
 # test-latest: more requirement specifiers for its venv, e.g. "transformers==5.0.0" (the oldest 5.x)

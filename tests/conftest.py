@@ -12,6 +12,34 @@ os.environ.setdefault("LMEXPAND_NO_PROGRESS", "1")
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its share of the cores (torch's threads, and every
+    subprocess's through OMP_NUM_THREADS): two workers with torch's default of one thread per core
+    each would put twice as many spinning OpenMP threads as cores on a compute-heavy test."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workerinput.get("workercount", 1)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# The files that take longest (whole minutes each: the results pipeline on tiny models, the
+# real-SmolLM2 MoE training, the shipped recipes, the distributed trainer). Under xdist's
+# `--dist loadfile` a worker takes whole files in collection order, so these go first: started
+# last, the longest one would run alone on one core after the other worker has finished.
+LONGEST_FIRST = ("test_results_pipeline.py", "test_moe.py", "test_train_distributed.py", "test_train_stages.py",
+                 "test_merge.py", "test_recipes.py", "test_lm_eval.py", "test_bench_gpu.py", "test_calm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order inside a file kept
+
 from tests.tiny import TINY_FAMILIES, build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

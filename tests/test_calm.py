@@ -220,7 +220,6 @@ def test_bridges_carry_what_only_the_augmenting_model_knows(tmp_path):
     from bench.calm_miniature import _memorized, exact_match, llama, pretrain, save_char_tokenizer
     from lmexpand.compose.loading import load_model
 
-    torch.set_num_threads(2)
     rng = random.Random(0)
     keys = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3)) for _ in range(40)})[:30]
     value = {k: rng.randrange(10) for k in keys}
