@@ -10,6 +10,7 @@ regenerate it with ``.venv/bin/python -m tests.test_bad_inputs`` after adding a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -987,18 +988,38 @@ def ctx(tiny_llama, tiny_pro, tmp_path_factory) -> Ctx:
     return Ctx(root=root, tiny=tiny_llama, pro=tiny_pro, qwen=qwen, data=data, out=root / "out")
 
 
+LIBRARY_LOG = "[a library's log]"
+
+
 def run_case(argv: list, c: Ctx) -> tuple[int, str]:
     """Run the CLI in this process on ``argv`` (built by the case beforehand)."""
     import contextlib
     import io
+
+    import datasets  # noqa: F401  (the libraries whose log handlers are made on import)
+    import transformers  # noqa: F401
 
     from lmexpand.cli import main
 
     argv = [str(a) for a in argv]
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
+    # a library's log handler holds the stream it found when it was made (datasets',
+    # transformers'): point every one at this case's stderr too, so a line a library logs is
+    # part of the message the case checks, as it is for a user on a terminal
+    handlers = [h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                if isinstance(lg, logging.Logger) for h in lg.handlers
+                if type(h) is logging.StreamHandler]
+    saved = [(h.setStream(err), h.formatter) for h in handlers]
+    for h in handlers:  # marked, so that the case can tell a library's line from lmexpand's
+        h.setFormatter(logging.Formatter(f"{LIBRARY_LOG} %(name)s: %(message)s"))
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    finally:
+        for h, (stream, fmt) in zip(handlers, saved):
+            h.setStream(stream)
+            h.setFormatter(fmt)
     return code, err.getvalue()
 
 
@@ -1023,6 +1044,7 @@ def test_bad_input(case: Case, ctx: Ctx, tiny_llama, tiny_pro):
     msg = _message(stderr)
     assert code == 2, f"exit {code}: {stderr}"
     assert "Traceback" not in stderr, stderr
+    assert LIBRARY_LOG not in stderr, f"a library's own log line reaches the user beside the error: {stderr}"
     assert msg.lower().startswith("error:") or "Usage:" in msg, msg
     body = msg.split("Error:", 1)[-1] if "Usage:" in msg else msg
     assert "\n\n" not in body.strip(), f"more than one paragraph: {msg}"

@@ -15,6 +15,7 @@ naming the file, the column and its type.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import string
@@ -83,8 +84,14 @@ def _load_disk(src: DataSource):
 
 def open_records(src: DataSource, streaming: bool):
     """The source as a ``datasets`` Dataset (or IterableDataset when streaming) of records;
-    plain text gives one ``text`` record per paragraph."""
+    plain text gives one ``text`` record per paragraph.
+
+    ``datasets``' file readers log a parse failure ("Failed to load JSON from file ...") on
+    stderr before they raise; lmexpand names the bad line itself (``jsonl_problem``) in the one
+    error paragraph, so those readers' log is kept for critical records only."""
     from datasets import load_dataset
+
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
 
     kind = src.kind
     if kind == "disk":
