@@ -59,7 +59,7 @@ quickstart: setup
 
 # pytest's exit code 5 (no tests collected) is a failure like any other non-zero code.
 test: setup
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; exit $$rc
+	$(PY) -m pytest $(XDIST) --durations=25 $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
