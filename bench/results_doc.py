@@ -69,7 +69,10 @@ def expansion(d: Path, rec: dict) -> tuple[str, dict]:
         p = row["ppl"]
         summary[name] = {"domain": p["math"] / base["math"] - 1,
                          "general": max(p[s] / base[s] - 1 for s in ("general-openstax", "general-novels")),
-                         "seconds": row["seconds"], "tokens": row.get("tokens")}
+                         "seconds": row["seconds"], "tokens": row.get("tokens"), "trainable": row["trainable"]}
+    # the frontier over every row: a row is below it when another is better on both axes
+    beaten = {k: [o for o, w in summary.items() if w["domain"] < v["domain"] and w["general"] < v["general"]]
+              for k, v in summary.items()}
     pro = {k: v for k, v in summary.items() if k.startswith("llama-pro")}
     claim = {k: v["domain"] <= -0.40 and v["general"] <= 0.01 for k, v in pro.items()}
     # dominance at matched domain gain: no full-FT/LoRA row with at least the same domain gain
@@ -84,7 +87,13 @@ def expansion(d: Path, rec: dict) -> tuple[str, dict]:
         lines.append(f"- **{k}**: claim {'holds' if claim[k] else 'does not hold'} "
                      f"(math {_pct(pro[k]['domain'])}, general {_pct(pro[k]['general'])}); "
                      + ("not dominated" if not dominated[k] else f"dominated by {', '.join(dominated[k])}") + ".")
-    return "\n".join(lines), {"rows": summary, "claim": claim, "dominated": dominated}
+    frontier = [k for k in summary if not beaten[k]]
+    lines.append(f"- Frontier over every row (no other row lower on both GSM8K and the worse general set): "
+                 f"{', '.join(frontier)}.")
+    trained = sum(v["seconds"] for v in summary.values())
+    return "\n".join(lines), {"rows": summary, "claim": claim, "dominated": dominated, "beaten": beaten,
+                              "footer": f"its rows trained for {_t(trained)} in all (kept in bench/results-kept "
+                                        f"as each ended, so runs on several machines add up to this table)"}
 
 
 def merging(d: Path, rec: dict) -> tuple[str, dict]:
@@ -286,8 +295,9 @@ def render_all(out: Path, archive: dict | None = None) -> dict[str, tuple[str, d
         if name in found:
             rec = found[name]["record"]
             md, facts = fn(found[name]["dir"], rec)
-            md += (f"\n\n*Stage `{name}`: {_t(rec['seconds'])} wall time, finished {rec['finished']}; "
-                   f"`.venv/bin/python bench/results.py --only {name}`.*")
+            extra = f"; {facts['footer']}" if facts.get("footer") else ""
+            md += (f"\n\n*Stage `{name}`: {_t(rec['seconds'])} wall time this run{extra}, finished "
+                   f"{rec['finished']}; `.venv/bin/python bench/results.py --only {name}`.*")
             blocks[name] = (md, facts)
             archive[name] = {"key": rec["key"], "finished": rec["finished"], "seconds": rec["seconds"],
                              "md": md, "facts": facts, "summary": SUMMARY[name](facts) if name in SUMMARY else []}
@@ -325,12 +335,15 @@ def write_doc(out: Path, doc: Path, family_doc: Path | None = None) -> None:
 def _sum_expansion(ex: dict) -> list[str]:
     lines = []
     for name, v in ex.get("rows", {}).items():
-        verdict = ""
+        verdicts = []
         if name in ex.get("claim", {}):
-            verdict = ("claim holds" if ex["claim"][name] else "claim does not hold") + \
-                      ("" if not ex["dominated"][name] else f"; dominated by {', '.join(ex['dominated'][name])}")
+            verdicts.append("LLaMA-Pro's claim holds" if ex["claim"][name] else "LLaMA-Pro's claim does not hold")
+        beaten = ex.get("beaten", {}).get(name)
+        if beaten is not None:
+            verdicts.append(f"below the frontier ({', '.join(beaten)} better on both)" if beaten else "on the frontier")
+        trained = f", {v['trainable'] / 1e6:.0f} M trained" if v.get("trainable") else ""
         lines.append(f"| {name} (expansion) | GSM8K ppl {_pct(v['domain'])} | {_pct(v['general'])} | "
-                     f"{v['tokens'] or 0:,} tokens, {_t(v['seconds'])} | {verdict} |")
+                     f"{v['tokens'] or 0:,} tokens{trained}, {_t(v['seconds'])} | {'; '.join(verdicts)} |")
     return lines
 
 
