@@ -1010,15 +1010,18 @@ def run_case(argv: list, c: Ctx) -> tuple[int, str]:
     handlers = [h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
                 if isinstance(lg, logging.Logger) for h in lg.handlers
                 if type(h) is logging.StreamHandler]
-    saved = [(h.setStream(err), h.formatter) for h in handlers]
+    # (assigned, not setStream: that flushes the old stream, which may be an earlier test's
+    # capture file, closed by now)
+    saved = [(h.stream, h.formatter) for h in handlers]
     for h in handlers:  # marked, so that the case can tell a library's line from lmexpand's
+        h.stream = err
         h.setFormatter(logging.Formatter(f"{LIBRARY_LOG} %(name)s: %(message)s"))
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(argv)
     finally:
         for h, (stream, fmt) in zip(handlers, saved):
-            h.setStream(stream)
+            h.stream = stream
             h.setFormatter(fmt)
     return code, err.getvalue()
 
